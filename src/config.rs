@@ -1,0 +1,482 @@
+//! pgwarden's own configuration: a TOML file overridden by `PGWARDEN_*` environment
+//! variables, validated once at start. Every error names the key it is about.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Environment variables with this prefix override keys of the configuration file.
+/// Nested keys are separated by a double underscore: `PGWARDEN_POSTGRES__PORT=5433`.
+pub const ENV_PREFIX: &str = "PGWARDEN_";
+
+/// Variables with the prefix that belong to the command line, not to the file.
+const RESERVED_ENV: &[&str] = &[
+    "PGWARDEN_CONFIG",
+    "PGWARDEN_LOG_FORMAT",
+    "PGWARDEN_LOG_LEVEL",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("configuration file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("configuration key `{key}`: {message}")]
+    Key { key: String, message: String },
+}
+
+impl ConfigError {
+    fn key(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Key {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Name of this instance (the pod name in Kubernetes).
+    pub instance_name: String,
+    pub postgres: PostgresConfig,
+    pub http: HttpConfig,
+    pub shutdown: ShutdownConfig,
+    pub supervision: SupervisionConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// The data directory (PGDATA). Point it at a subdirectory of a volume, not at its root.
+    pub data_dir: PathBuf,
+    /// Directory with `postgres` and `initdb`; found from the Debian layout or `pg_config` when unset.
+    pub bin_dir: Option<PathBuf>,
+    /// Runtime directory: the unix socket and the server-log pipes live here.
+    pub run_dir: PathBuf,
+    pub listen_addresses: String,
+    pub port: u16,
+    /// Name of the bootstrap superuser created by initdb, used by pgwarden over the unix socket.
+    pub superuser: String,
+    /// File holding the superuser password set at initdb (a mounted Secret); no password when unset.
+    pub superuser_password_file: Option<PathBuf>,
+    pub locale: String,
+    pub encoding: String,
+    /// User parameters for postgresql.conf.
+    pub parameters: BTreeMap<String, ParamValue>,
+    /// Extra pg_hba.conf rules, placed after pgwarden's own rule and before the defaults.
+    pub pg_hba: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Probes and the status API.
+    pub status_listen: SocketAddr,
+    /// Prometheus metrics.
+    pub metrics_listen: SocketAddr,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// How long a smart shutdown (waits for clients to disconnect) may take before escalating to fast.
+    #[serde(with = "humantime_serde")]
+    pub smart_timeout: Duration,
+    /// How long a fast shutdown (disconnects clients, checkpoints) may take before escalating to immediate.
+    #[serde(with = "humantime_serde")]
+    pub fast_timeout: Duration,
+    /// How long an immediate shutdown may take before the postmaster is killed.
+    #[serde(with = "humantime_serde")]
+    pub immediate_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisionConfig {
+    /// pgwarden exits non-zero when the postmaster died this many times within `crash_window`.
+    pub max_crashes: u32,
+    #[serde(with = "humantime_serde")]
+    pub crash_window: Duration,
+    /// First delay before restarting a crashed postmaster; doubles per crash in the window.
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+}
+
+/// A postgresql.conf value as written in TOML.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum ParamValue {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+}
+
+impl fmt::Display for ParamValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ParamValue::Bool(b) => write!(f, "{}", if *b { "on" } else { "off" }),
+            ParamValue::Int(i) => write!(f, "{i}"),
+            ParamValue::Float(x) => write!(f, "{x}"),
+            ParamValue::Str(s) => write!(f, "{s}"),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            instance_name: default_instance_name(),
+            postgres: PostgresConfig::default(),
+            http: HttpConfig::default(),
+            shutdown: ShutdownConfig::default(),
+            supervision: SupervisionConfig::default(),
+        }
+    }
+}
+
+fn default_instance_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "pgwarden".to_string())
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            data_dir: PathBuf::from("/var/lib/postgresql/data/pgdata"),
+            bin_dir: None,
+            run_dir: PathBuf::from("/run/pgwarden"),
+            listen_addresses: "*".into(),
+            port: 5432,
+            superuser: "postgres".into(),
+            superuser_password_file: None,
+            locale: "C.UTF-8".into(),
+            encoding: "UTF8".into(),
+            parameters: BTreeMap::new(),
+            pg_hba: Vec::new(),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            status_listen: SocketAddr::from(([0, 0, 0, 0], 8000)),
+            metrics_listen: SocketAddr::from(([0, 0, 0, 0], 9187)),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        // 10 + 15 + 3 = 28 s, inside Kubernetes' default 30 s grace period.
+        ShutdownConfig {
+            smart_timeout: Duration::from_secs(10),
+            fast_timeout: Duration::from_secs(15),
+            immediate_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+impl Default for SupervisionConfig {
+    fn default() -> Self {
+        SupervisionConfig {
+            max_crashes: 5,
+            crash_window: Duration::from_secs(300),
+            backoff_initial: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Config {
+    /// Reads the file (when given), applies the environment and validates the result.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Syntax {
+                        path: path.to_path_buf(),
+                        message: e.to_string().trim().to_string(),
+                    })?
+            }
+            None => toml::Table::new(),
+        };
+        apply_env(&mut table, env)?;
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let key = e.path().to_string();
+                ConfigError::key(key, e.into_inner().to_string().trim().to_string())
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let name = &self.instance_name;
+        if name.is_empty()
+            || name.len() > 63
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            return Err(ConfigError::key(
+                "instance_name",
+                format!("{name:?} must be 1-63 lowercase letters, digits or '-' (a DNS label)"),
+            ));
+        }
+        let pg = &self.postgres;
+        if pg.port == 0 {
+            return Err(ConfigError::key(
+                "postgres.port",
+                "must be between 1 and 65535",
+            ));
+        }
+        for (key, path) in [
+            ("postgres.data_dir", &pg.data_dir),
+            ("postgres.run_dir", &pg.run_dir),
+        ] {
+            if !path.is_absolute() {
+                return Err(ConfigError::key(
+                    key,
+                    format!("{} must be an absolute path", path.display()),
+                ));
+            }
+        }
+        if pg.superuser.is_empty()
+            || !pg
+                .superuser
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return Err(ConfigError::key(
+                "postgres.superuser",
+                "must be a non-empty name of letters, digits and '_'",
+            ));
+        }
+        for (key, value) in [
+            ("postgres.listen_addresses", &pg.listen_addresses),
+            ("postgres.locale", &pg.locale),
+            ("postgres.encoding", &pg.encoding),
+        ] {
+            if value.is_empty() || value.contains(['\'', '\n', '\\']) {
+                return Err(ConfigError::key(
+                    key,
+                    "must be non-empty and contain no quote, backslash or newline",
+                ));
+            }
+        }
+        for (name, value) in &pg.parameters {
+            crate::postgres::conf::check_user_parameter(name, value).map_err(|reason| {
+                ConfigError::key(format!("postgres.parameters.{name}"), reason)
+            })?;
+        }
+        for (i, rule) in pg.pg_hba.iter().enumerate() {
+            crate::postgres::conf::check_hba_rule(rule)
+                .map_err(|reason| ConfigError::key(format!("postgres.pg_hba[{i}]"), reason))?;
+        }
+        let sd = &self.shutdown;
+        for (key, d) in [
+            ("shutdown.smart_timeout", sd.smart_timeout),
+            ("shutdown.fast_timeout", sd.fast_timeout),
+            ("shutdown.immediate_timeout", sd.immediate_timeout),
+            ("http.request_timeout", self.http.request_timeout),
+            ("supervision.crash_window", self.supervision.crash_window),
+            (
+                "supervision.backoff_initial",
+                self.supervision.backoff_initial,
+            ),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::key(key, "must be greater than zero"));
+            }
+        }
+        let sv = &self.supervision;
+        if sv.max_crashes == 0 {
+            return Err(ConfigError::key(
+                "supervision.max_crashes",
+                "must be at least 1",
+            ));
+        }
+        if sv.backoff_max < sv.backoff_initial {
+            return Err(ConfigError::key(
+                "supervision.backoff_max",
+                "must not be shorter than supervision.backoff_initial",
+            ));
+        }
+        if self.http.status_listen == self.http.metrics_listen {
+            return Err(ConfigError::key(
+                "http.metrics_listen",
+                "must differ from http.status_listen (each server has its own listener)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Overlays `PGWARDEN_A__B=value` onto `a.b`. A value is read as a TOML value when it
+/// parses as one (numbers, booleans, arrays), otherwise as a plain string.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !RESERVED_ENV.contains(&k.as_str()))
+        .collect();
+    vars.sort();
+    for (var, raw) in vars {
+        let path: Vec<String> = var[ENV_PREFIX.len()..]
+            .split("__")
+            .map(|s| s.to_ascii_lowercase())
+            .collect();
+        if path.iter().any(|p| p.is_empty()) {
+            return Err(ConfigError::key(var, "malformed variable name"));
+        }
+        let value = parse_env_value(&raw);
+        let (last, parents) = path.split_last().expect("split of a non-empty string");
+        let mut node = &mut *table;
+        for (depth, part) in parents.iter().enumerate() {
+            let entry = node
+                .entry(part.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            node = match entry {
+                toml::Value::Table(t) => t,
+                _ => {
+                    return Err(ConfigError::key(
+                        path[..=depth].join("."),
+                        format!("{var} treats it as a section, but it is a value"),
+                    ))
+                }
+            };
+        }
+        node.insert(last.clone(), value);
+    }
+    Ok(())
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml_text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pgwarden.toml");
+        std::fs::write(&path, toml_text).unwrap();
+        Config::load(
+            Some(&path),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn defaults_serve() {
+        let c = load("instance_name = \"pg-0\"", &[]).unwrap();
+        assert_eq!(c.postgres.port, 5432);
+        assert_eq!(c.shutdown.smart_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn environment_overrides_file_including_nested_maps() {
+        let c = load(
+            "instance_name = \"pg-0\"\n[postgres]\nport = 5000\n",
+            &[
+                ("PGWARDEN_POSTGRES__PORT", "5433"),
+                ("PGWARDEN_POSTGRES__PARAMETERS__WORK_MEM", "64MB"),
+                ("PGWARDEN_SHUTDOWN__SMART_TIMEOUT", "2s"),
+                ("PGWARDEN_CONFIG", "/ignored"),
+                ("OTHER", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.postgres.port, 5433);
+        assert_eq!(
+            c.postgres.parameters.get("work_mem"),
+            Some(&ParamValue::Str("64MB".into()))
+        );
+        assert_eq!(c.shutdown.smart_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = load("instance_name = \"pg-0\"\n[postgres]\nprot = 1\n", &[]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("prot"), "{msg}");
+        let err = load("instance_name = \"pg-0\"", &[("PGWARDEN_HTTP__NOPE", "1")]).unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        let err = load(
+            "instance_name = \"pg-0\"\n[postgres]\nport = \"abc\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("postgres.port"), "{err}");
+        let err = load(
+            "instance_name = \"pg-0\"\n[shutdown]\nsmart_timeout = \"soon\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("shutdown.smart_timeout"), "{err}");
+        let err = load("instance_name = \"Bad Name\"", &[]).unwrap_err();
+        assert!(err.to_string().contains("instance_name"), "{err}");
+    }
+
+    #[test]
+    fn forbidden_parameters_are_refused_with_the_reason() {
+        let err = load(
+            "instance_name = \"pg-0\"\n[postgres.parameters]\narchive_command = \"cp %p /x\"\n",
+            &[],
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("postgres.parameters.archive_command"), "{msg}");
+        assert!(msg.contains("pgwarden"), "{msg}");
+    }
+}
+
+#[cfg(test)]
+mod example {
+    /// The example shipped in `config/` must load and must show the defaults.
+    #[test]
+    fn example_file_is_valid_and_matches_the_defaults() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pgwarden.toml");
+        let mut c = super::Config::load(Some(&path), std::iter::empty()).unwrap();
+        c.instance_name = super::Config::default().instance_name;
+        assert_eq!(c, super::Config::default());
+    }
+}

@@ -1,0 +1,110 @@
+//! pgwarden: a per-pod PostgreSQL instance manager that runs as PID 1.
+
+mod config;
+mod logging;
+mod postgres;
+mod run;
+mod supervisor;
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::logging::LogFormat;
+
+#[derive(Parser)]
+#[command(
+    name = "pgwarden",
+    version,
+    about = "Runs and supervises PostgreSQL as PID 1"
+)]
+struct Cli {
+    /// Log format of pgwarden's stdout (Postgres's records included).
+    #[arg(
+        long,
+        global = true,
+        env = "PGWARDEN_LOG_FORMAT",
+        value_enum,
+        default_value = "json"
+    )]
+    log_format: LogFormat,
+    /// Log filter, e.g. `info` or `pgwarden=debug`.
+    #[arg(
+        long,
+        global = true,
+        env = "PGWARDEN_LOG_LEVEL",
+        default_value = "info"
+    )]
+    log_level: String,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run and supervise PostgreSQL (the container entrypoint).
+    Run {
+        /// TOML configuration file; `PGWARDEN_*` environment variables override its keys.
+        #[arg(long, env = "PGWARDEN_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Validate the configuration and print it as pgwarden understands it.
+    CheckConfig {
+        #[arg(long, env = "PGWARDEN_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    logging::init(cli.log_format, &cli.log_level);
+    let code = match cli.command {
+        Cmd::Run { config } => run_main(config, cli.log_format),
+        Cmd::CheckConfig { config } => match Config::load(config.as_deref(), std::env::vars()) {
+            Ok(c) => {
+                println!("{c:#?}");
+                0
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "invalid configuration");
+                2
+            }
+        },
+    };
+    let _ = std::io::stdout().flush();
+    std::process::exit(code);
+}
+
+fn run_main(config_path: Option<PathBuf>, log_format: LogFormat) -> i32 {
+    let config = match Config::load(config_path.as_deref(), std::env::vars()) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "invalid configuration");
+            return 2;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return 1;
+        }
+    };
+    let result = runtime.block_on(run::run(run::Options {
+        config,
+        config_path,
+        log_format,
+    }));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "pgwarden cannot run");
+            1
+        }
+    }
+}

@@ -1,0 +1,363 @@
+//! Renders `postgresql.conf`, `pg_hba.conf` and `pg_ident.conf` from pgwarden's configuration.
+//!
+//! The files are rewritten before every start and on every reload, atomically (temporary file
+//! and rename), so Postgres never reads a half-written file. Parameters that pgwarden must own
+//! are refused when a user sets them, with the reason.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use crate::config::{ParamValue, PostgresConfig};
+
+/// Parameters pgwarden owns, with the reason a user may not set them.
+const FORBIDDEN: &[(&str, &str)] = &[
+    (
+        "listen_addresses",
+        "set by pgwarden from postgres.listen_addresses",
+    ),
+    ("port", "set by pgwarden from postgres.port"),
+    (
+        "unix_socket_directories",
+        "pgwarden connects through this socket; set postgres.run_dir",
+    ),
+    (
+        "data_directory",
+        "pgwarden manages the data directory; set postgres.data_dir",
+    ),
+    (
+        "config_file",
+        "pgwarden renders the configuration files itself",
+    ),
+    (
+        "hba_file",
+        "pgwarden renders pg_hba.conf; use postgres.pg_hba",
+    ),
+    ("ident_file", "pgwarden renders pg_ident.conf"),
+    ("include", "includes would bypass pgwarden's validation"),
+    ("include_dir", "includes would bypass pgwarden's validation"),
+    (
+        "include_if_exists",
+        "includes would bypass pgwarden's validation",
+    ),
+    ("archive_mode", "pgwarden owns WAL archiving"),
+    ("archive_command", "pgwarden owns WAL archiving"),
+    ("archive_library", "pgwarden owns WAL archiving"),
+    ("restore_command", "pgwarden owns WAL restore"),
+    ("primary_conninfo", "pgwarden owns replication"),
+    ("primary_slot_name", "pgwarden owns replication slots"),
+    ("promote_trigger_file", "pgwarden owns promotion"),
+    ("recovery_target_timeline", "pgwarden owns recovery"),
+    (
+        "synchronous_standby_names",
+        "pgwarden owns synchronous replication",
+    ),
+    (
+        "logging_collector",
+        "pgwarden re-emits the server log on its stdout",
+    ),
+    (
+        "log_destination",
+        "pgwarden re-emits the server log on its stdout",
+    ),
+    (
+        "log_directory",
+        "pgwarden re-emits the server log on its stdout",
+    ),
+    (
+        "log_filename",
+        "pgwarden re-emits the server log on its stdout",
+    ),
+    (
+        "log_rotation_age",
+        "pgwarden re-emits the server log on its stdout",
+    ),
+    (
+        "log_rotation_size",
+        "pgwarden re-emits the server log on its stdout",
+    ),
+    (
+        "log_truncate_on_rotation",
+        "pgwarden re-emits the server log on its stdout",
+    ),
+    (
+        "log_file_mode",
+        "pgwarden re-emits the server log on its stdout",
+    ),
+];
+
+/// Defaults that serve a container; a user parameter of the same name replaces them.
+const DEFAULTS: &[(&str, &str)] = &[
+    ("max_connections", "100"),
+    ("shared_buffers", "'128MB'"),
+    ("dynamic_shared_memory_type", "posix"),
+    ("wal_level", "replica"),
+    ("max_wal_senders", "10"),
+    ("max_replication_slots", "10"),
+    ("hot_standby", "on"),
+    ("wal_log_hints", "on"),
+    ("timezone", "'UTC'"),
+    ("log_timezone", "'UTC'"),
+];
+
+/// Name of the pipes under `<run_dir>/log` the logging collector writes to.
+pub const LOG_FILE_STEM: &str = "postgresql";
+
+/// Checks a user parameter: a valid name, not owned by pgwarden, a value that can be quoted.
+pub fn check_user_parameter(name: &str, value: &ParamValue) -> Result<(), String> {
+    let valid_name = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+    if !valid_name {
+        return Err(format!("{name:?} is not a valid PostgreSQL parameter name"));
+    }
+    let lower = name.to_ascii_lowercase();
+    if let Some((_, reason)) = FORBIDDEN.iter().find(|(n, _)| *n == lower) {
+        return Err(format!("may not be set by the user: {reason}"));
+    }
+    if let ParamValue::Str(s) = value {
+        if s.contains(['\n', '\r', '\0']) {
+            return Err("value may not contain a line break or NUL".into());
+        }
+    }
+    if let ParamValue::Float(x) = value {
+        if !x.is_finite() {
+            return Err("value must be a finite number".into());
+        }
+    }
+    Ok(())
+}
+
+/// Checks one extra pg_hba.conf rule: one line, a known connection type.
+pub fn check_hba_rule(rule: &str) -> Result<(), String> {
+    if rule.contains(['\n', '\r', '\0']) {
+        return Err("a rule is a single line".into());
+    }
+    let first = rule.split_whitespace().next().unwrap_or("");
+    const TYPES: &[&str] = &[
+        "local",
+        "host",
+        "hostssl",
+        "hostnossl",
+        "hostgssenc",
+        "hostnogssenc",
+    ];
+    if !TYPES.contains(&first) {
+        return Err(format!(
+            "{rule:?} must start with a connection type ({})",
+            TYPES.join(", ")
+        ));
+    }
+    if rule.split_whitespace().count() < 4 {
+        return Err(format!(
+            "{rule:?} has too few fields for a pg_hba.conf rule"
+        ));
+    }
+    Ok(())
+}
+
+/// Quotes a value for postgresql.conf: numbers and booleans bare, strings single-quoted.
+fn quote(value: &ParamValue) -> String {
+    match value {
+        ParamValue::Str(s) => format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''")),
+        other => other.to_string(),
+    }
+}
+
+/// Everything the rendered files depend on.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    pub postgresql_conf: String,
+    pub pg_hba_conf: String,
+    pub pg_ident_conf: String,
+}
+
+/// Where the logging collector writes: pipes that pgwarden reads.
+pub fn log_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("log")
+}
+
+/// Renders the three files. `os_user` is the operating-system user pgwarden runs as; it is
+/// mapped to the superuser for pgwarden's own peer-authenticated connection.
+pub fn render(pg: &PostgresConfig, os_user: &str) -> Rendered {
+    let mut conf = String::new();
+    conf.push_str(
+        "# Generated by pgwarden before every start and on every reload: do not edit.\n\
+         # Set parameters in pgwarden's configuration (postgres.parameters).\n\n",
+    );
+
+    let user: BTreeMap<String, &ParamValue> = pg
+        .parameters
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+        .collect();
+
+    conf.push_str("#---------------------------------------------------------------------\n");
+    conf.push_str("# DEFAULTS (replaced by a user parameter of the same name)\n");
+    conf.push_str("#---------------------------------------------------------------------\n");
+    for (name, value) in DEFAULTS {
+        if !user.contains_key(*name) {
+            let _ = writeln!(conf, "{name} = {value}");
+        }
+    }
+
+    conf.push_str("\n#---------------------------------------------------------------------\n");
+    conf.push_str("# USER PARAMETERS\n");
+    conf.push_str("#---------------------------------------------------------------------\n");
+    for (name, value) in &user {
+        let _ = writeln!(conf, "{name} = {}", quote(value));
+    }
+
+    let pq = |s: &str| quote(&ParamValue::Str(s.to_string()));
+    conf.push_str("\n#---------------------------------------------------------------------\n");
+    conf.push_str("# MANAGED BY PGWARDEN (last, so nothing above can override it)\n");
+    conf.push_str("#---------------------------------------------------------------------\n");
+    let _ = writeln!(conf, "listen_addresses = {}", pq(&pg.listen_addresses));
+    let _ = writeln!(conf, "port = {}", pg.port);
+    let _ = writeln!(
+        conf,
+        "unix_socket_directories = {}",
+        pq(&pg.run_dir.to_string_lossy())
+    );
+    let _ = writeln!(
+        conf,
+        "hba_file = {}",
+        pq(&pg.data_dir.join("pg_hba.conf").to_string_lossy())
+    );
+    let _ = writeln!(
+        conf,
+        "ident_file = {}",
+        pq(&pg.data_dir.join("pg_ident.conf").to_string_lossy())
+    );
+    conf.push_str("logging_collector = on\n");
+    conf.push_str("log_destination = 'jsonlog'\n");
+    let _ = writeln!(
+        conf,
+        "log_directory = {}",
+        pq(&log_dir(&pg.run_dir).to_string_lossy())
+    );
+    let _ = writeln!(conf, "log_filename = '{LOG_FILE_STEM}.log'");
+    conf.push_str("log_rotation_age = 0\n");
+    conf.push_str("log_rotation_size = 0\n");
+    conf.push_str("log_truncate_on_rotation = off\n");
+
+    let mut hba = String::new();
+    hba.push_str("# Generated by pgwarden: do not edit. Extra rules go in postgres.pg_hba.\n");
+    hba.push_str("# pgwarden's own connection (peer authentication through the unix socket)\n");
+    let _ = writeln!(
+        hba,
+        "local   all           {}   peer map=pgwarden",
+        pg.superuser
+    );
+    if !pg.pg_hba.is_empty() {
+        hba.push_str("# user rules\n");
+        for rule in &pg.pg_hba {
+            let _ = writeln!(hba, "{rule}");
+        }
+    }
+    hba.push_str("# defaults\n");
+    hba.push_str("local   all           all          peer\n");
+    hba.push_str("host    all           all          all   scram-sha-256\n");
+    hba.push_str("host    replication   all          all   scram-sha-256\n");
+
+    let ident = format!(
+        "# Generated by pgwarden: do not edit.\npgwarden   {os_user}   {}\n",
+        pg.superuser
+    );
+    Rendered {
+        postgresql_conf: conf,
+        pg_hba_conf: hba,
+        pg_ident_conf: ident,
+    }
+}
+
+impl Rendered {
+    /// Writes the files into the data directory, each atomically.
+    pub fn write(&self, data_dir: &Path) -> std::io::Result<()> {
+        write_atomic(&data_dir.join("postgresql.conf"), &self.postgresql_conf)?;
+        write_atomic(&data_dir.join("pg_hba.conf"), &self.pg_hba_conf)?;
+        write_atomic(&data_dir.join("pg_ident.conf"), &self.pg_ident_conf)
+    }
+}
+
+fn write_atomic(path: &Path, content: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("pgwarden-tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(content.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pg() -> PostgresConfig {
+        PostgresConfig::default()
+    }
+
+    #[test]
+    fn forbidden_and_malformed_parameters_are_refused() {
+        let v = ParamValue::Str("x".into());
+        for name in [
+            "port",
+            "PORT",
+            "archive_command",
+            "log_destination",
+            "include",
+        ] {
+            assert!(check_user_parameter(name, &v).is_err(), "{name}");
+        }
+        assert!(check_user_parameter("work mem", &v).is_err());
+        assert!(check_user_parameter("1abc", &v).is_err());
+        assert!(check_user_parameter("work_mem", &ParamValue::Str("a\nb".into())).is_err());
+        assert!(check_user_parameter("work_mem", &v).is_ok());
+        assert!(check_user_parameter("pg_stat_statements.max", &ParamValue::Int(5)).is_ok());
+    }
+
+    #[test]
+    fn user_parameters_replace_defaults_and_managed_section_comes_last() {
+        let mut cfg = pg();
+        cfg.parameters
+            .insert("shared_buffers".into(), ParamValue::Str("256MB".into()));
+        cfg.parameters
+            .insert("search_path".into(), ParamValue::Str("it's".into()));
+        cfg.parameters.insert("jit".into(), ParamValue::Bool(false));
+        let r = render(&cfg, "postgres");
+        let conf = &r.postgresql_conf;
+        assert_eq!(conf.matches("shared_buffers").count(), 1);
+        assert!(conf.contains("shared_buffers = '256MB'"));
+        assert!(conf.contains("search_path = 'it''s'"));
+        assert!(conf.contains("jit = off"));
+        let user = conf.find("USER PARAMETERS").unwrap();
+        let managed = conf.find("MANAGED BY PGWARDEN").unwrap();
+        assert!(user < managed);
+        assert!(conf[managed..].contains("port = 5432"));
+    }
+
+    #[test]
+    fn pgwarden_rule_comes_before_user_rules() {
+        let mut cfg = pg();
+        cfg.pg_hba = vec!["local all all reject".into()];
+        let r = render(&cfg, "alice");
+        let own = r.pg_hba_conf.find("peer map=pgwarden").unwrap();
+        let user = r.pg_hba_conf.find("reject").unwrap();
+        assert!(own < user);
+        assert!(r.pg_ident_conf.contains("pgwarden   alice   postgres"));
+    }
+
+    #[test]
+    fn hba_rules_are_checked() {
+        assert!(check_hba_rule("host all all 10.0.0.0/8 scram-sha-256").is_ok());
+        assert!(check_hba_rule("hots all all x y").is_err());
+        assert!(check_hba_rule("host all all").is_err());
+        assert!(check_hba_rule("host all all all trust\nlocal all all trust").is_err());
+    }
+}

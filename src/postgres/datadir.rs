@@ -1,0 +1,238 @@
+//! What the data directory holds, and bootstrapping an empty one.
+//!
+//! The rule: initialise only an empty (or missing) directory; use a cluster of our major
+//! version; refuse anything else. pgwarden never overwrites, moves or deletes data here.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::config::PostgresConfig;
+use crate::postgres::binaries::Binaries;
+use crate::supervisor::reaper::Reaper;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataDir {
+    /// Missing or empty: ready for initdb.
+    Empty,
+    /// A cluster of this major version.
+    Cluster { major: u32 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataDirError {
+    #[error("data directory {path} holds files that are not a PostgreSQL cluster ({entries}); refusing to initialise over them: {hint}")]
+    Foreign {
+        path: PathBuf,
+        entries: String,
+        hint: &'static str,
+    },
+    #[error("data directory {path} has PG_VERSION but no global/pg_control: an incomplete or damaged cluster; refusing to touch it")]
+    Incomplete { path: PathBuf },
+    #[error("data directory {path} has an unreadable PG_VERSION ({content:?})")]
+    BadVersion { path: PathBuf, content: String },
+    #[error("data directory {path} holds a PostgreSQL {found} cluster but the binaries are PostgreSQL {expected}; upgrade it with pg_upgrade or point postgres.bin_dir at version {found}")]
+    VersionMismatch {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error("{path} exists and is not a directory")]
+    NotADirectory { path: PathBuf },
+    #[error("cannot inspect data directory {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("initdb failed ({status}): {stderr}")]
+    Initdb { status: String, stderr: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
+    move |source| DataDirError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Classifies the data directory without changing it.
+pub fn inspect(path: &Path) -> Result<DataDir, DataDirError> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(DataDir::Empty),
+        Err(e) => return Err(io(path)(e)),
+    };
+    if !meta.is_dir() {
+        return Err(DataDirError::NotADirectory {
+            path: path.to_path_buf(),
+        });
+    }
+    let version_file = path.join("PG_VERSION");
+    match std::fs::read_to_string(&version_file) {
+        Ok(content) => {
+            let major = content
+                .trim()
+                .parse::<u32>()
+                .map_err(|_| DataDirError::BadVersion {
+                    path: path.to_path_buf(),
+                    content: content.chars().take(40).collect(),
+                })?;
+            if !path.join("global/pg_control").is_file() {
+                return Err(DataDirError::Incomplete {
+                    path: path.to_path_buf(),
+                });
+            }
+            Ok(DataDir::Cluster { major })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut names: Vec<String> = std::fs::read_dir(path)
+                .map_err(io(path))?
+                .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect();
+            if names.is_empty() {
+                return Ok(DataDir::Empty);
+            }
+            names.sort();
+            let hint = if names == ["lost+found"] {
+                "this looks like the root of a volume; point postgres.data_dir at a subdirectory of it"
+            } else {
+                "move them away or point postgres.data_dir at an empty directory"
+            };
+            let shown: Vec<&str> = names.iter().take(5).map(String::as_str).collect();
+            let more = names.len().saturating_sub(5);
+            Err(DataDirError::Foreign {
+                path: path.to_path_buf(),
+                entries: if more > 0 {
+                    format!("{} and {more} more", shown.join(", "))
+                } else {
+                    shown.join(", ")
+                },
+                hint,
+            })
+        }
+        Err(e) => Err(io(&version_file)(e)),
+    }
+}
+
+/// Checks that an existing cluster matches the binaries.
+pub fn check_version(path: &Path, found: u32, bins: &Binaries) -> Result<(), DataDirError> {
+    if found != bins.major {
+        return Err(DataDirError::VersionMismatch {
+            path: path.to_path_buf(),
+            found,
+            expected: bins.major,
+        });
+    }
+    Ok(())
+}
+
+/// Postgres refuses a data directory readable by others; fix a mode such as 0777 left by a
+/// volume's fsGroup handling, which is safe because it only removes access.
+pub fn ensure_mode(path: &Path) -> Result<(), DataDirError> {
+    let mode = std::fs::metadata(path)
+        .map_err(io(path))?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode != 0o700 && mode != 0o750 {
+        tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "tightening data directory mode to 0700");
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(io(path))?;
+    }
+    Ok(())
+}
+
+/// Runs initdb on a missing or empty directory: checksums on, scram-sha-256, the configured
+/// locale. Checks emptiness again right before, so nothing is ever initialised over data.
+pub async fn initdb(
+    reaper: &Reaper,
+    bins: &Binaries,
+    pg: &PostgresConfig,
+) -> Result<(), DataDirError> {
+    let path = &pg.data_dir;
+    if inspect(path)? != DataDir::Empty {
+        return Err(DataDirError::Initdb {
+            status: "not run".into(),
+            stderr: format!("{} is not empty", path.display()),
+        });
+    }
+    std::fs::create_dir_all(path).map_err(io(path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(io(path))?;
+
+    let mut cmd = Command::new(bins.tool("initdb"));
+    cmd.arg("--pgdata")
+        .arg(path)
+        .arg("--username")
+        .arg(&pg.superuser)
+        .arg("--data-checksums")
+        .arg("--auth-local=peer")
+        .arg("--auth-host=scram-sha-256")
+        .arg(format!("--locale={}", pg.locale))
+        .arg(format!("--encoding={}", pg.encoding))
+        .arg("--no-instructions");
+    if let Some(pw) = &pg.superuser_password_file {
+        cmd.arg(format!("--pwfile={}", pw.display()));
+    }
+    tracing::info!(data_dir = %path.display(), "initialising a new cluster with initdb");
+    let out = reaper
+        .output(&mut cmd)
+        .await
+        .map_err(|e| DataDirError::Initdb {
+            status: "could not start".into(),
+            stderr: format!("{}: {e}", bins.tool("initdb").display()),
+        })?;
+    if !out.status.success() {
+        return Err(DataDirError::Initdb {
+            status: out.status.to_string(),
+            stderr: out.stderr.trim().to_string(),
+        });
+    }
+    for line in out.stdout.lines().filter(|l| !l.trim().is_empty()) {
+        tracing::debug!(target: "pgwarden::initdb", "{line}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_directories() {
+        let root = tempfile::tempdir().unwrap();
+        let d = root.path().join("data");
+        assert_eq!(inspect(&d).unwrap(), DataDir::Empty);
+        std::fs::create_dir(&d).unwrap();
+        assert_eq!(inspect(&d).unwrap(), DataDir::Empty);
+
+        std::fs::write(d.join("notes.txt"), "x").unwrap();
+        let err = inspect(&d).unwrap_err().to_string();
+        assert!(
+            err.contains("notes.txt") && err.contains("refusing"),
+            "{err}"
+        );
+
+        std::fs::remove_file(d.join("notes.txt")).unwrap();
+        std::fs::create_dir(d.join("lost+found")).unwrap();
+        assert!(inspect(&d)
+            .unwrap_err()
+            .to_string()
+            .contains("root of a volume"));
+        std::fs::remove_dir(d.join("lost+found")).unwrap();
+
+        std::fs::write(d.join("PG_VERSION"), "15\n").unwrap();
+        assert!(matches!(inspect(&d), Err(DataDirError::Incomplete { .. })));
+        std::fs::create_dir(d.join("global")).unwrap();
+        std::fs::write(d.join("global/pg_control"), "").unwrap();
+        assert_eq!(inspect(&d).unwrap(), DataDir::Cluster { major: 15 });
+
+        std::fs::write(d.join("PG_VERSION"), "garbage").unwrap();
+        assert!(matches!(inspect(&d), Err(DataDirError::BadVersion { .. })));
+
+        let f = root.path().join("file");
+        std::fs::write(&f, "").unwrap();
+        assert!(matches!(
+            inspect(&f),
+            Err(DataDirError::NotADirectory { .. })
+        ));
+    }
+}

@@ -1,0 +1,8 @@
+//! Everything about the PostgreSQL server itself: binaries, data directory, configuration
+//! files, connections and the server log.
+
+pub mod binaries;
+pub mod conf;
+pub mod connect;
+pub mod datadir;
+pub mod log;

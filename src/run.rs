@@ -1,0 +1,246 @@
+//! `pgwarden run`: bootstrap, start the tasks, turn signals into orderly actions.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::logging::LogFormat;
+use crate::postgres::binaries::Binaries;
+use crate::postgres::datadir::{self, DataDir};
+use crate::postgres::log::ServerLog;
+use crate::supervisor::postmaster::{self, Handle, State, Status, StopMode};
+use crate::supervisor::reaper::Reaper;
+
+/// Exit code when Postgres could not be kept running (the kubelet restarts the container).
+pub const EXIT_POSTGRES_FAILED: i32 = 3;
+/// Exit code when the shutdown was not clean (immediate or killed).
+pub const EXIT_UNCLEAN_STOP: i32 = 4;
+
+pub struct Options {
+    pub config: Config,
+    pub config_path: Option<PathBuf>,
+    pub log_format: LogFormat,
+}
+
+/// Runs until a signal stops us or Postgres cannot be kept alive; returns the exit code.
+pub async fn run(opts: Options) -> anyhow::Result<i32> {
+    let config = opts.config;
+    let pg = &config.postgres;
+    let reaper = Reaper::start().context("cannot install the SIGCHLD handler")?;
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        instance = %config.instance_name,
+        pid = std::process::id(),
+        "pgwarden starting"
+    );
+
+    let found = datadir::inspect(&pg.data_dir)?;
+    let preferred = match found {
+        DataDir::Cluster { major } => Some(major),
+        DataDir::Empty => None,
+    };
+    let binaries = Binaries::locate(&reaper, pg.bin_dir.as_deref(), preferred).await?;
+    tracing::info!(bin_dir = %binaries.dir.display(), version = %binaries.version, "using PostgreSQL");
+    match found {
+        DataDir::Empty => datadir::initdb(&reaper, &binaries, pg).await?,
+        DataDir::Cluster { major } => {
+            datadir::check_version(&pg.data_dir, major, &binaries)?;
+            tracing::info!(data_dir = %pg.data_dir.display(), "using the existing cluster");
+        }
+    }
+    datadir::ensure_mode(&pg.data_dir)?;
+
+    std::fs::create_dir_all(&pg.run_dir)
+        .with_context(|| format!("cannot create run directory {}", pg.run_dir.display()))?;
+    std::fs::set_permissions(&pg.run_dir, std::fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("cannot set the mode of {}", pg.run_dir.display()))?;
+    let server_log = ServerLog::start(&pg.run_dir, opts.log_format)
+        .context("cannot set up the server log pipes")?;
+
+    let spec = postmaster::Spec {
+        settings: pg.clone(),
+        binaries,
+        os_user: os_user_name(),
+        shutdown: config.shutdown.clone(),
+        supervision: config.supervision.clone(),
+    };
+    let (postmaster, status) = postmaster::spawn(spec, reaper.clone(), server_log);
+    // Not awaited: signals must be handled while Postgres starts (or recovers).
+    let starter = postmaster.clone();
+    tokio::spawn(async move {
+        if let Err(e) = starter.start().await {
+            tracing::warn!(error = %e, "first start did not succeed");
+        }
+    });
+
+    let mut signals = Signals::install()?;
+    let mut reloader = Reloader {
+        current: config.clone(),
+        path: opts.config_path,
+    };
+    supervise(&postmaster, &reaper, status, &mut signals, &mut reloader).await
+}
+
+/// The running phase: returns the exit code.
+async fn supervise(
+    postmaster: &Handle,
+    reaper: &Reaper,
+    mut status: watch::Receiver<Status>,
+    signals: &mut Signals,
+    reloader: &mut Reloader,
+) -> anyhow::Result<i32> {
+    loop {
+        tokio::select! {
+            _ = signals.term.recv() => return Ok(shutdown(postmaster, reaper, StopMode::Smart, signals).await),
+            _ = signals.int.recv() => return Ok(shutdown(postmaster, reaper, StopMode::Fast, signals).await),
+            _ = signals.quit.recv() => return Ok(shutdown(postmaster, reaper, StopMode::Immediate, signals).await),
+            _ = signals.hup.recv() => reloader.reload(postmaster).await,
+            changed = status.changed() => {
+                if changed.is_err() {
+                    anyhow::bail!("the postmaster actor stopped");
+                }
+                if let State::Failed { reason } = &status.borrow_and_update().state {
+                    tracing::error!(%reason, "postgres cannot be kept running; exiting so the container is restarted");
+                    return Ok(EXIT_POSTGRES_FAILED);
+                }
+            }
+        }
+    }
+}
+
+/// Orderly shutdown; a further SIGINT or SIGQUIT escalates.
+async fn shutdown(
+    postmaster: &Handle,
+    reaper: &Reaper,
+    mode: StopMode,
+    signals: &mut Signals,
+) -> i32 {
+    tracing::info!(?mode, "shutdown requested");
+    let Some(mut outcome) = postmaster.begin_stop(mode).await else {
+        return EXIT_UNCLEAN_STOP;
+    };
+    let result = loop {
+        tokio::select! {
+            r = &mut outcome => break r,
+            _ = signals.int.recv() => { let _ = postmaster.begin_stop(StopMode::Fast).await; }
+            _ = signals.quit.recv() => { let _ = postmaster.begin_stop(StopMode::Immediate).await; }
+            _ = signals.term.recv() => tracing::info!("already shutting down"),
+            _ = signals.hup.recv() => tracing::info!("shutting down; reload ignored"),
+        }
+    };
+    match result {
+        Ok(o) if o.clean() => {
+            tracing::info!(
+                orphans_reaped = reaper.orphans_reaped(),
+                "pgwarden stopped cleanly"
+            );
+            0
+        }
+        Ok(o) => {
+            tracing::warn!(mode = ?o.mode, killed = o.killed, status = ?o.status.map(|s| s.to_string()), "postgres did not stop cleanly");
+            EXIT_UNCLEAN_STOP
+        }
+        Err(_) => EXIT_UNCLEAN_STOP,
+    }
+}
+
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            quit: signal(SignalKind::quit())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
+/// SIGHUP: re-read the configuration file; apply what can change while running.
+struct Reloader {
+    current: Config,
+    path: Option<PathBuf>,
+}
+
+impl Reloader {
+    async fn reload(&mut self, postmaster: &Handle) {
+        let new = match Config::load(self.path.as_deref(), std::env::vars()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "configuration reload rejected; keeping the running configuration");
+                return;
+            }
+        };
+        let mut settings = new.postgres.clone();
+        let old = &self.current.postgres;
+        // Only parameters, pg_hba rules and listen settings can change under a running
+        // instance; the rest needs a restart of pgwarden.
+        let fixed = [
+            ("postgres.data_dir", settings.data_dir != old.data_dir),
+            ("postgres.run_dir", settings.run_dir != old.run_dir),
+            ("postgres.bin_dir", settings.bin_dir != old.bin_dir),
+            ("postgres.superuser", settings.superuser != old.superuser),
+        ];
+        for (key, changed) in fixed {
+            if changed {
+                tracing::warn!(
+                    key,
+                    "changing this key needs a restart of pgwarden; ignored"
+                );
+            }
+        }
+        settings.data_dir = old.data_dir.clone();
+        settings.run_dir = old.run_dir.clone();
+        settings.bin_dir = old.bin_dir.clone();
+        settings.superuser = old.superuser.clone();
+        if new.http != self.current.http
+            || new.shutdown != self.current.shutdown
+            || new.supervision != self.current.supervision
+        {
+            tracing::warn!("changes outside [postgres] need a restart of pgwarden; ignored");
+        }
+        // Postgres reads its listen settings at start only.
+        let needs_restart =
+            settings.port != old.port || settings.listen_addresses != old.listen_addresses;
+        let result = if needs_restart {
+            tracing::info!("listen settings changed; restarting postgres");
+            match postmaster.reload(Some(settings.clone())).await {
+                Ok(()) => postmaster.restart().await,
+                Err(e) => Err(e),
+            }
+        } else {
+            postmaster.reload(Some(settings.clone())).await
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!("configuration reloaded");
+                self.current.postgres = settings;
+            }
+            Err(e) => tracing::error!(error = %e, "reload failed"),
+        }
+    }
+}
+
+fn os_user_name() -> String {
+    let uid = nix::unistd::geteuid();
+    match nix::unistd::User::from_uid(uid) {
+        Ok(Some(user)) => user.name,
+        _ => {
+            tracing::warn!(
+                uid = uid.as_raw(),
+                "no passwd entry for this user: peer authentication will fail"
+            );
+            uid.to_string()
+        }
+    }
+}

@@ -1,0 +1,634 @@
+//! The postmaster actor: the one task that owns the `postgres` child process.
+//!
+//! Everything else sends it [`Command`]s and watches its [`Status`]. It renders the
+//! configuration before every start, spawns `postgres -D` directly, declares it ready only
+//! after `postmaster.pid` says so *and* a real connection succeeds, restarts it with
+//! exponential backoff when it dies unexpectedly, and gives up (state [`State::Failed`]) after
+//! too many crashes in a window, so that pgwarden exits and the kubelet restarts the container.
+
+use std::collections::VecDeque;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command as Process, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::sleep_until;
+
+use crate::config::{PostgresConfig, ShutdownConfig, SupervisionConfig};
+use crate::postgres::binaries::Binaries;
+use crate::postgres::conf;
+use crate::postgres::log::ServerLog;
+use crate::supervisor::reaper::{ExitStatus, Reaper};
+
+/// Postgres's three shutdown modes, in increasing severity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StopMode {
+    /// Wait for clients to disconnect (SIGTERM).
+    Smart,
+    /// Disconnect clients, checkpoint (SIGINT).
+    Fast,
+    /// Exit at once; crash recovery on the next start (SIGQUIT).
+    Immediate,
+}
+
+impl StopMode {
+    fn signal(self) -> Signal {
+        match self {
+            StopMode::Smart => Signal::SIGTERM,
+            StopMode::Fast => Signal::SIGINT,
+            StopMode::Immediate => Signal::SIGQUIT,
+        }
+    }
+}
+
+/// How a stop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopOutcome {
+    /// The most severe mode that was needed; `None` when nothing was running.
+    pub mode: Option<StopMode>,
+    /// Whether the postmaster had to be killed with SIGKILL.
+    pub killed: bool,
+    pub status: Option<ExitStatus>,
+}
+
+impl StopOutcome {
+    /// A stop that left a consistent data directory: nothing ran, or a smart or fast shutdown
+    /// that exited 0.
+    pub fn clean(&self) -> bool {
+        match (self.mode, self.status) {
+            (None, _) => true,
+            (Some(mode), Some(status)) => {
+                !self.killed && mode <= StopMode::Fast && status.success()
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The postmaster's lifecycle, as seen by everyone else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum State {
+    /// Not running, on purpose (before the first start or after a stop).
+    Stopped,
+    /// Spawned, not yet accepting connections (includes crash recovery).
+    Starting { pid: i32 },
+    /// Accepting connections.
+    Running { pid: i32 },
+    /// Shutting down in the given mode.
+    Stopping { pid: i32, mode: StopMode },
+    /// Died unexpectedly; restarting after a backoff.
+    Restarting { crashes_in_window: u32 },
+    /// Died too often; pgwarden gives up.
+    Failed { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Status {
+    #[serde(flatten)]
+    pub state: State,
+    /// Unexpected postmaster exits since pgwarden started.
+    pub crashes: u64,
+    /// Postmaster starts since pgwarden started.
+    pub starts: u64,
+}
+
+type Reply<T> = oneshot::Sender<T>;
+
+pub enum Command {
+    /// Start if not running; replies once ready or when the start failed.
+    Start(Reply<Result<(), String>>),
+    /// Stop, escalating smart -> fast -> immediate -> SIGKILL on the configured timeouts.
+    Stop(StopMode, Reply<StopOutcome>),
+    /// Fast stop, then start; replies once ready again.
+    Restart(Reply<Result<(), String>>),
+    /// Re-render the configuration files (with new settings when given) and signal a reload.
+    Reload(Option<Box<PostgresConfig>>, Reply<Result<(), String>>),
+}
+
+/// Handle used to talk to the actor.
+#[derive(Clone)]
+pub struct Handle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl Handle {
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.ok()?;
+        rx.await.ok()
+    }
+    pub async fn start(&self) -> Result<(), String> {
+        self.call(Command::Start)
+            .await
+            .unwrap_or_else(|| Err("postmaster actor is gone".into()))
+    }
+    /// Sends a stop and returns the receiver of its outcome without waiting for it.
+    pub async fn begin_stop(&self, mode: StopMode) -> Option<oneshot::Receiver<StopOutcome>> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Stop(mode, tx)).await.ok()?;
+        Some(rx)
+    }
+    pub async fn restart(&self) -> Result<(), String> {
+        self.call(Command::Restart)
+            .await
+            .unwrap_or_else(|| Err("postmaster actor is gone".into()))
+    }
+    pub async fn reload(&self, settings: Option<PostgresConfig>) -> Result<(), String> {
+        self.call(|r| Command::Reload(settings.map(Box::new), r))
+            .await
+            .unwrap_or_else(|| Err("postmaster actor is gone".into()))
+    }
+}
+
+/// What the actor needs to run Postgres.
+pub struct Spec {
+    pub settings: PostgresConfig,
+    pub binaries: Binaries,
+    pub os_user: String,
+    pub shutdown: ShutdownConfig,
+    pub supervision: SupervisionConfig,
+}
+
+/// Starts the actor; returns its handle and the status channel.
+pub fn spawn(spec: Spec, reaper: Reaper, log: ServerLog) -> (Handle, watch::Receiver<Status>) {
+    let (tx, rx) = mpsc::channel(16);
+    let (status_tx, status_rx) = watch::channel(Status {
+        state: State::Stopped,
+        crashes: 0,
+        starts: 0,
+    });
+    let actor = Actor {
+        spec,
+        reaper,
+        log,
+        status: status_tx,
+        phase: Phase::Stopped,
+        child: None,
+        crash_times: VecDeque::new(),
+        start_waiters: Vec::new(),
+        stop_waiters: Vec::new(),
+    };
+    tokio::spawn(actor.run(rx));
+    (Handle { tx }, status_rx)
+}
+
+struct ChildProc {
+    pid: Pid,
+    exit: oneshot::Receiver<ExitStatus>,
+}
+
+enum Phase {
+    Stopped,
+    Starting {
+        ready: oneshot::Receiver<()>,
+        probe: tokio::task::JoinHandle<()>,
+    },
+    Running,
+    Stopping {
+        mode: StopMode,
+        killed: bool,
+        deadline: Option<Instant>,
+        then_start: bool,
+    },
+    Backoff {
+        until: Instant,
+    },
+    Failed,
+}
+
+enum Event {
+    Command(Option<Command>),
+    Exited(ExitStatus),
+    Ready,
+    Timer,
+}
+
+struct Actor {
+    spec: Spec,
+    reaper: Reaper,
+    log: ServerLog,
+    status: watch::Sender<Status>,
+    phase: Phase,
+    child: Option<ChildProc>,
+    crash_times: VecDeque<Instant>,
+    start_waiters: Vec<Reply<Result<(), String>>>,
+    stop_waiters: Vec<Reply<StopOutcome>>,
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        loop {
+            let event = self.next_event(&mut rx).await;
+            match event {
+                Event::Command(Some(cmd)) => self.handle(cmd),
+                Event::Command(None) => {
+                    // Every handle is gone: nobody can stop us any more, so stop now.
+                    if self.child.is_some() {
+                        self.begin_stop(StopMode::Fast, false);
+                        continue;
+                    }
+                    return;
+                }
+                Event::Exited(status) => self.on_exit(status),
+                Event::Ready => self.on_ready(),
+                Event::Timer => self.on_timer(),
+            }
+        }
+    }
+
+    async fn next_event(&mut self, rx: &mut mpsc::Receiver<Command>) -> Event {
+        let deadline = match &self.phase {
+            Phase::Stopping { deadline, .. } => *deadline,
+            Phase::Backoff { until } => Some(*until),
+            _ => None,
+        };
+        let (child, phase) = (&mut self.child, &mut self.phase);
+        let exit = async move {
+            match child {
+                Some(c) => (&mut c.exit).await.ok(),
+                None => std::future::pending().await,
+            }
+        };
+        let ready = async move {
+            match phase {
+                Phase::Starting { ready, .. } => ready.await.ok(),
+                _ => std::future::pending().await,
+            }
+        };
+        let timer = async {
+            match deadline {
+                Some(t) => sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            cmd = rx.recv() => Event::Command(cmd),
+            Some(status) = exit => Event::Exited(status),
+            Some(()) = ready => Event::Ready,
+            () = timer => Event::Timer,
+        }
+    }
+
+    fn publish(&self, state: State) {
+        self.status.send_modify(|s| s.state = state);
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.pid.as_raw())
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Start(reply) => match self.phase {
+                Phase::Running => {
+                    let _ = reply.send(Ok(()));
+                }
+                Phase::Starting { .. } => self.start_waiters.push(reply),
+                Phase::Stopping {
+                    ref mut then_start, ..
+                } => {
+                    *then_start = true;
+                    self.start_waiters.push(reply);
+                }
+                Phase::Stopped | Phase::Backoff { .. } | Phase::Failed => {
+                    self.start_waiters.push(reply);
+                    self.start();
+                }
+            },
+            Command::Stop(mode, reply) => {
+                if self.child.is_none() {
+                    // Nothing runs: cancel any pending restart.
+                    self.phase = Phase::Stopped;
+                    self.publish(State::Stopped);
+                    self.fail_start_waiters("stopped on request");
+                    let _ = reply.send(StopOutcome {
+                        mode: None,
+                        killed: false,
+                        status: None,
+                    });
+                } else {
+                    self.stop_waiters.push(reply);
+                    self.begin_stop(mode, false);
+                }
+            }
+            Command::Restart(reply) => {
+                self.start_waiters.push(reply);
+                if self.child.is_some() {
+                    self.begin_stop(StopMode::Fast, true);
+                } else {
+                    self.start();
+                }
+            }
+            Command::Reload(settings, reply) => {
+                if let Some(settings) = settings {
+                    self.spec.settings = *settings;
+                }
+                let result = self.render().and_then(|()| match &self.child {
+                    Some(c) => kill(c.pid, Signal::SIGHUP)
+                        .map_err(|e| format!("cannot signal the postmaster: {e}")),
+                    None => Ok(()),
+                });
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    fn render(&self) -> Result<(), String> {
+        let s = &self.spec.settings;
+        conf::render(s, &self.spec.os_user)
+            .write(&s.data_dir)
+            .map_err(|e| {
+                format!(
+                    "cannot write configuration into {}: {e}",
+                    s.data_dir.display()
+                )
+            })
+    }
+
+    fn start(&mut self) {
+        if let Err(message) = self.render().and_then(|()| self.spawn_postgres()) {
+            tracing::error!(error = %message, "cannot start postgres");
+            self.on_crash(message);
+            return;
+        }
+        let pid = self.pid();
+        self.status.send_modify(|s| {
+            s.starts += 1;
+            s.state = State::Starting { pid };
+        });
+        let (tx, ready) = oneshot::channel();
+        let s = &self.spec.settings;
+        let probe = tokio::spawn(wait_ready(
+            s.data_dir.clone(),
+            s.run_dir.clone(),
+            s.port,
+            s.superuser.clone(),
+            tx,
+        ));
+        self.phase = Phase::Starting { ready, probe };
+        tracing::info!(pid, "postmaster started");
+    }
+
+    fn spawn_postgres(&mut self) -> Result<(), String> {
+        self.log.clear_recent();
+        let mut cmd = Process::new(self.spec.binaries.postgres());
+        cmd.arg("-D")
+            .arg(&self.spec.settings.data_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own process group: a terminal's Ctrl-C reaches pgwarden only, which decides.
+            .process_group(0);
+        let child = self.reaper.spawn(&mut cmd).map_err(|e| {
+            format!(
+                "cannot execute {}: {e}",
+                self.spec.binaries.postgres().display()
+            )
+        })?;
+        if let Some(out) = child.stdout {
+            self.log.attach(out, "postgres-stdout");
+        }
+        if let Some(err) = child.stderr {
+            self.log.attach(err, "postgres-stderr");
+        }
+        self.child = Some(ChildProc {
+            pid: child.pid,
+            exit: child.exit,
+        });
+        Ok(())
+    }
+
+    fn on_ready(&mut self) {
+        // Startup chatter is no longer relevant to a later crash report.
+        self.log.clear_recent();
+        self.phase = Phase::Running;
+        let pid = self.pid();
+        self.publish(State::Running { pid });
+        tracing::info!(pid, "postgres is ready to accept connections");
+        for w in self.start_waiters.drain(..) {
+            let _ = w.send(Ok(()));
+        }
+    }
+
+    fn begin_stop(&mut self, mode: StopMode, then_start: bool) {
+        let Some(pid) = self.child.as_ref().map(|c| c.pid) else {
+            return;
+        };
+        let (current, killed, restart) = match &self.phase {
+            Phase::Stopping {
+                mode,
+                killed,
+                then_start,
+                ..
+            } => (Some(*mode), *killed, *then_start),
+            _ => (None, false, false),
+        };
+        if let Phase::Starting { probe, .. } = &self.phase {
+            probe.abort();
+        }
+        if current.is_some_and(|c| c >= mode) || killed {
+            return; // already stopping at least this hard
+        }
+        tracing::info!(pid = pid.as_raw(), ?mode, "stopping postgres");
+        if let Err(e) = kill(pid, mode.signal()) {
+            tracing::warn!(error = %e, "cannot signal the postmaster");
+        }
+        self.phase = Phase::Stopping {
+            mode,
+            killed: false,
+            deadline: Some(Instant::now() + self.timeout(mode)),
+            then_start: then_start || restart,
+        };
+        self.publish(State::Stopping {
+            pid: pid.as_raw(),
+            mode,
+        });
+    }
+
+    fn timeout(&self, mode: StopMode) -> Duration {
+        let t = &self.spec.shutdown;
+        match mode {
+            StopMode::Smart => t.smart_timeout,
+            StopMode::Fast => t.fast_timeout,
+            StopMode::Immediate => t.immediate_timeout,
+        }
+    }
+
+    fn on_timer(&mut self) {
+        match self.phase {
+            Phase::Backoff { .. } => self.start(),
+            Phase::Stopping {
+                mode, then_start, ..
+            } => {
+                let next = match mode {
+                    StopMode::Smart => Some(StopMode::Fast),
+                    StopMode::Fast => Some(StopMode::Immediate),
+                    StopMode::Immediate => None,
+                };
+                match next {
+                    Some(next) => {
+                        tracing::warn!(from = ?mode, to = ?next, "shutdown timed out; escalating");
+                        self.begin_stop(next, then_start);
+                    }
+                    None => {
+                        tracing::error!("immediate shutdown timed out; killing the postmaster");
+                        if let Some(c) = &self.child {
+                            let _ = kill(c.pid, Signal::SIGKILL);
+                        }
+                        self.phase = Phase::Stopping {
+                            mode,
+                            killed: true,
+                            deadline: None,
+                            then_start,
+                        };
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_exit(&mut self, status: ExitStatus) {
+        self.child = None;
+        match std::mem::replace(&mut self.phase, Phase::Stopped) {
+            Phase::Stopping {
+                mode,
+                killed,
+                then_start,
+                ..
+            } => {
+                tracing::info!(%status, ?mode, "postgres stopped");
+                let outcome = StopOutcome {
+                    mode: Some(mode),
+                    killed,
+                    status: Some(status),
+                };
+                for w in self.stop_waiters.drain(..) {
+                    let _ = w.send(outcome);
+                }
+                self.publish(State::Stopped);
+                if then_start {
+                    self.start();
+                }
+            }
+            Phase::Starting { probe, .. } => {
+                probe.abort();
+                self.on_crash(format!("postgres exited during startup ({status})"));
+            }
+            _ => self.on_crash(format!("postgres exited unexpectedly ({status})")),
+        }
+    }
+
+    fn on_crash(&mut self, what: String) {
+        let now = Instant::now();
+        let window = self.spec.supervision.crash_window;
+        self.crash_times.push_back(now);
+        while self
+            .crash_times
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > window)
+        {
+            self.crash_times.pop_front();
+        }
+        let n = self.crash_times.len() as u32;
+        let messages = self.log.recent();
+        let reason = if messages.is_empty() {
+            what.clone()
+        } else {
+            format!("{what}: {}", messages.join(" | "))
+        };
+        self.status.send_modify(|s| s.crashes += 1);
+        self.fail_start_waiters(&reason);
+        let sv = &self.spec.supervision;
+        if n >= sv.max_crashes {
+            tracing::error!(crashes = n, window = ?window, postgres = ?messages, "{what}; giving up");
+            let reason = format!("{n} crashes within {window:?}; last: {reason}");
+            self.phase = Phase::Failed;
+            self.publish(State::Failed { reason });
+            return;
+        }
+        let delay = sv
+            .backoff_initial
+            .saturating_mul(1u32 << (n - 1).min(16))
+            .min(sv.backoff_max);
+        tracing::error!(crashes_in_window = n, retry_in = ?delay, postgres = ?messages, "{what}");
+        self.phase = Phase::Backoff { until: now + delay };
+        self.publish(State::Restarting {
+            crashes_in_window: n,
+        });
+    }
+
+    fn fail_start_waiters(&mut self, reason: &str) {
+        for w in self.start_waiters.drain(..) {
+            let _ = w.send(Err(reason.to_string()));
+        }
+    }
+}
+
+/// Polls until `postmaster.pid` says ready (or standby) and a real connection succeeds.
+async fn wait_ready(
+    data_dir: PathBuf,
+    socket_dir: PathBuf,
+    port: u16,
+    user: String,
+    done: oneshot::Sender<()>,
+) {
+    let mut interval = tokio::time::interval(Duration::from_millis(50));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        if !matches!(
+            pid_file_status(&data_dir).as_deref(),
+            Some("ready" | "standby")
+        ) {
+            continue;
+        }
+        if crate::postgres::connect::ping(&socket_dir, port, &user)
+            .await
+            .is_ok()
+        {
+            let _ = done.send(());
+            return;
+        }
+    }
+}
+
+/// The status word on line 8 of `postmaster.pid` (`starting`, `ready`, `standby`, `stopping`).
+pub fn pid_file_status(data_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    text.lines().nth(7).map(|s| s.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clean_stop_rules() {
+        let ok = Some(ExitStatus::Exited(0));
+        let clean = |mode, killed, status| {
+            StopOutcome {
+                mode,
+                killed,
+                status,
+            }
+            .clean()
+        };
+        assert!(clean(None, false, None));
+        assert!(clean(Some(StopMode::Smart), false, ok));
+        assert!(clean(Some(StopMode::Fast), false, ok));
+        assert!(!clean(Some(StopMode::Immediate), false, ok));
+        assert!(!clean(Some(StopMode::Fast), true, ok));
+        assert!(!clean(
+            Some(StopMode::Fast),
+            false,
+            Some(ExitStatus::Exited(1))
+        ));
+    }
+}

@@ -1,0 +1,304 @@
+//! Test support: run the real `pgwarden` binary against a real PostgreSQL 15, as an
+//! unprivileged user (initdb refuses root), in a throw-away directory.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+pub const PASSWORD: &str = "test-superuser-password";
+
+/// The user Postgres runs as when the tests run as root.
+pub fn pg_user() -> Option<nix::unistd::User> {
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    nix::unistd::User::from_name("postgres")
+        .ok()
+        .flatten()
+        .or_else(|| nix::unistd::User::from_name("nobody").ok().flatten())
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// A copy of the binary that the unprivileged user can execute (the build directory may sit
+/// under root's home).
+pub fn binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let built = PathBuf::from(env!("CARGO_BIN_EXE_pgwarden"));
+        if pg_user().is_none() {
+            return built;
+        }
+        let dir = std::env::temp_dir().join(format!("pgwarden-test-bin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let copy = dir.join("pgwarden");
+        std::fs::copy(&built, &copy).unwrap();
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        copy
+    })
+    .clone()
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Gives a path to the unprivileged user.
+pub fn chown(path: &Path) {
+    if let Some(u) = pg_user() {
+        nix::unistd::chown(path, Some(u.uid), Some(u.gid)).unwrap();
+    }
+}
+
+/// A directory holding one instance's data, run directory and configuration.
+pub struct Sandbox {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub status_port: u16,
+    pub metrics_port: u16,
+    /// Extra TOML appended to the generated configuration.
+    pub extra: String,
+}
+
+impl Sandbox {
+    pub fn new() -> Sandbox {
+        let dir = tempfile::Builder::new()
+            .prefix("pgwarden-test-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        chown(dir.path());
+        let pw = dir.path().join("superuser-password");
+        std::fs::write(&pw, PASSWORD).unwrap();
+        chown(&pw);
+        Sandbox {
+            dir,
+            port: free_port(),
+            status_port: free_port(),
+            metrics_port: free_port(),
+            extra: String::new(),
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// Writes the configuration file; `sections` is extra TOML (may add keys to [postgres] etc.
+    /// through dotted keys at top level).
+    pub fn config(&self) -> PathBuf {
+        let path = self.dir.path().join("pgwarden.toml");
+        let text = format!(
+            r#"instance_name = "pg-test"
+[postgres]
+data_dir = "{data}"
+run_dir = "{run}"
+port = {port}
+listen_addresses = "127.0.0.1"
+superuser_password_file = "{pw}"
+[http]
+status_listen = "127.0.0.1:{status}"
+metrics_listen = "127.0.0.1:{metrics}"
+{extra}
+"#,
+            data = self.data_dir().display(),
+            run = self.run_dir().display(),
+            port = self.port,
+            pw = self.dir.path().join("superuser-password").display(),
+            status = self.status_port,
+            metrics = self.metrics_port,
+            extra = self.extra,
+        );
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        path
+    }
+
+    /// Starts `pgwarden run` as the unprivileged user.
+    pub fn start(&self) -> Warden {
+        let mut cmd = Command::new(binary());
+        cmd.arg("run").arg("--config").arg(self.config());
+        self.spawn(cmd)
+    }
+
+    pub fn spawn(&self, mut cmd: Command) -> Warden {
+        if let Some(u) = pg_user() {
+            cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());
+        }
+        Warden::spawn(cmd)
+    }
+
+    /// Connects over TCP as the superuser with the password.
+    pub async fn client(&self) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        connect(self.port, "postgres").await
+    }
+
+    /// Retries `client()` until Postgres accepts connections.
+    pub async fn wait_client(&self, within: Duration) -> tokio_postgres::Client {
+        let deadline = Instant::now() + within;
+        loop {
+            match self.client().await {
+                Ok(c) => return c,
+                Err(e) if Instant::now() > deadline => panic!("postgres not reachable: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// The postmaster's pid from `postmaster.pid`.
+    pub fn postmaster_pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.data_dir().join("postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+}
+
+pub async fn connect(port: u16, db: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(port)
+        .user("postgres")
+        .password(PASSWORD)
+        .dbname(db)
+        .connect_timeout(Duration::from_secs(3))
+        .connect(tokio_postgres::NoTls)
+        .await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// A running pgwarden process with its stdout captured line by line.
+pub struct Warden {
+    pub child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Warden {
+    pub fn spawn(mut cmd: Command) -> Warden {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("PGWARDEN_LOG_LEVEL", "info");
+        let mut child = cmd.spawn().expect("spawn pgwarden");
+        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+        for pipe in [
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { return };
+                    if std::env::var_os("PGW_TEST_ECHO").is_some() {
+                        eprintln!("{line}");
+                    }
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
+        Warden { child, lines }
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        kill(self.pid(), sig).unwrap();
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    pub fn output(&self) -> String {
+        self.lines().join("\n")
+    }
+
+    /// Waits for a line containing `needle`; panics with the output after `within`.
+    pub fn wait_for_line(&self, needle: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains(needle))
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "no line containing {needle:?} within {within:?}; output:\n{}",
+            self.output()
+        );
+    }
+
+    /// Waits for the process to exit; panics (after killing it) when it does not in time.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Give the pipe readers a moment to drain the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "pgwarden did not exit within {within:?}; output:\n{}",
+                    self.output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Warden {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = kill(self.pid(), Signal::SIGQUIT);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
