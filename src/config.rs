@@ -51,6 +51,8 @@ pub struct Config {
     pub http: HttpConfig,
     pub shutdown: ShutdownConfig,
     pub supervision: SupervisionConfig,
+    pub monitor: MonitorConfig,
+    pub probes: ProbesConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -115,6 +117,41 @@ pub struct SupervisionConfig {
     pub backoff_max: Duration,
 }
 
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorConfig {
+    /// How often the monitoring loop refreshes the state that probes and /pg/status answer from.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Bound for each monitoring query (also the session's statement_timeout).
+    #[serde(with = "humantime_serde")]
+    pub query_timeout: Duration,
+    /// A scrape re-runs the metric queries only when the cached result is older than this.
+    #[serde(with = "humantime_serde")]
+    pub metrics_ttl: Duration,
+    /// Custom metric queries in the postgres_exporter / CloudNativePG YAML format.
+    pub queries_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbesConfig {
+    /// A standby whose replay is further behind than this is not ready (`/readyz`);
+    /// `/readyz?lag=<bytes>` sets the bound per request.
+    pub max_standby_lag_bytes: Option<u64>,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        MonitorConfig {
+            interval: Duration::from_secs(2),
+            query_timeout: Duration::from_secs(2),
+            metrics_ttl: Duration::from_secs(15),
+            queries_file: None,
+        }
+    }
+}
+
 /// A postgresql.conf value as written in TOML.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(untagged)]
@@ -144,6 +181,8 @@ impl Default for Config {
             http: HttpConfig::default(),
             shutdown: ShutdownConfig::default(),
             supervision: SupervisionConfig::default(),
+            monitor: MonitorConfig::default(),
+            probes: ProbesConfig::default(),
         }
     }
 }

@@ -1,7 +1,11 @@
 //! pgwarden: a per-pod PostgreSQL instance manager that runs as PID 1.
 
 mod config;
+mod health;
+mod http;
 mod logging;
+mod metrics;
+mod monitor;
 mod postgres;
 mod run;
 mod supervisor;
@@ -55,12 +59,18 @@ enum Cmd {
         #[arg(long, env = "PGWARDEN_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Print the JSON Schema of the `/pg/status` document.
+    StatusSchema,
 }
 
 fn main() {
     let cli = Cli::parse();
     logging::init(cli.log_format, &cli.log_level);
     let code = match cli.command {
+        Cmd::StatusSchema => {
+            print!("{}", http::status::schema());
+            0
+        }
         Cmd::Run { config } => run_main(config, cli.log_format),
         Cmd::CheckConfig { config } => match Config::load(config.as_deref(), std::env::vars()) {
             Ok(c) => {

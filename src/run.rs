@@ -2,13 +2,18 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::http;
 use crate::logging::LogFormat;
+use crate::metrics::Metrics;
+use crate::monitor::{self, queries, queries::QuerySpec};
 use crate::postgres::binaries::Binaries;
 use crate::postgres::datadir::{self, DataDir};
 use crate::postgres::log::ServerLog;
@@ -37,6 +42,36 @@ pub async fn run(opts: Options) -> anyhow::Result<i32> {
         pid = std::process::id(),
         "pgwarden starting"
     );
+    let user_queries = load_user_queries(&config)?;
+    let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
+
+    // Probes answer from the first moment, bootstrap included.
+    let (status_tx, status_rx) = postmaster::status_channel();
+    let monitor = monitor::spawn(&config, user_queries, status_rx.clone(), metrics.clone());
+    let (version_tx, version_rx) = watch::channel(String::from("unknown"));
+    let (stop_http, stop_http_rx) = watch::channel(false);
+    let state = http::AppState {
+        inner: Arc::new(http::Shared {
+            instance: config.instance_name.clone(),
+            postgres_version: version_rx,
+            postmaster: status_rx.clone(),
+            monitor,
+            metrics,
+            reaper: reaper.clone(),
+            max_standby_lag_bytes: config.probes.max_standby_lag_bytes,
+            heartbeat_deadline: monitor::heartbeat_deadline(&config.monitor),
+            freshness: monitor::freshness(&config.monitor),
+            scrape_wait: config.http.request_timeout / 2,
+        }),
+    };
+    let servers = http::serve(
+        state,
+        config.http.status_listen,
+        config.http.metrics_listen,
+        config.http.request_timeout,
+        stop_http_rx,
+    )
+    .await?;
 
     let found = datadir::inspect(&pg.data_dir)?;
     let preferred = match found {
@@ -45,6 +80,7 @@ pub async fn run(opts: Options) -> anyhow::Result<i32> {
     };
     let binaries = Binaries::locate(&reaper, pg.bin_dir.as_deref(), preferred).await?;
     tracing::info!(bin_dir = %binaries.dir.display(), version = %binaries.version, "using PostgreSQL");
+    let _ = version_tx.send(binaries.version.clone());
     match found {
         DataDir::Empty => datadir::initdb(&reaper, &binaries, pg).await?,
         DataDir::Cluster { major } => {
@@ -68,7 +104,7 @@ pub async fn run(opts: Options) -> anyhow::Result<i32> {
         shutdown: config.shutdown.clone(),
         supervision: config.supervision.clone(),
     };
-    let (postmaster, status) = postmaster::spawn(spec, reaper.clone(), server_log);
+    let postmaster = postmaster::spawn(spec, reaper.clone(), server_log, status_tx);
     // Not awaited: signals must be handled while Postgres starts (or recovers).
     let starter = postmaster.clone();
     tokio::spawn(async move {
@@ -82,7 +118,36 @@ pub async fn run(opts: Options) -> anyhow::Result<i32> {
         current: config.clone(),
         path: opts.config_path,
     };
-    supervise(&postmaster, &reaper, status, &mut signals, &mut reloader).await
+    let code = supervise(&postmaster, &reaper, status_rx, &mut signals, &mut reloader).await;
+    let _ = stop_http.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        for s in servers {
+            let _ = s.await;
+        }
+    })
+    .await;
+    code
+}
+
+fn load_user_queries(config: &Config) -> anyhow::Result<Vec<QuerySpec>> {
+    let Some(path) = &config.monitor.queries_file else {
+        return Ok(Vec::new());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read monitor.queries_file {}", path.display()))?;
+    let specs = queries::parse(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "monitor.queries_file {} is not a valid queries file: {e}",
+            path.display()
+        )
+    })?;
+    for s in &specs {
+        if let Some(reason) = &s.invalid {
+            tracing::error!(query = %s.name, %reason, "custom metric query cannot be used");
+        }
+    }
+    tracing::info!(queries = specs.len(), file = %path.display(), "custom metric queries loaded");
+    Ok(specs)
 }
 
 /// The running phase: returns the exit code.

@@ -412,7 +412,10 @@ async fn sighup_applies_a_changed_parameter_and_keeps_the_last_good_configuratio
             })
             .unwrap()
     };
-    assert_eq!(work_mem(client.simple_query("SHOW work_mem").await.unwrap()), "8MB");
+    assert_eq!(
+        work_mem(client.simple_query("SHOW work_mem").await.unwrap()),
+        "8MB"
+    );
 
     sb.extra = "[postgres.parameters]\nwork_mem = \"16MB\"\n".into();
     sb.config();
@@ -424,16 +427,26 @@ async fn sighup_applies_a_changed_parameter_and_keeps_the_last_good_configuratio
         if work_mem(fresh.simple_query("SHOW work_mem").await.unwrap()) == "16MB" {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "work_mem never became 16MB");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "work_mem never became 16MB"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     // A broken file is refused; the running configuration stays.
-    std::fs::write(sb.dir.path().join("pgwarden.toml"), "instance_name = [broken").unwrap();
+    std::fs::write(
+        sb.dir.path().join("pgwarden.toml"),
+        "instance_name = [broken",
+    )
+    .unwrap();
     warden.signal(Signal::SIGHUP);
     warden.wait_for_line("configuration reload rejected", LONG);
     let fresh = sb.client().await.unwrap();
-    assert_eq!(work_mem(fresh.simple_query("SHOW work_mem").await.unwrap()), "16MB");
+    assert_eq!(
+        work_mem(fresh.simple_query("SHOW work_mem").await.unwrap()),
+        "16MB"
+    );
     let conf = std::fs::read_to_string(sb.data_dir().join("postgresql.conf")).unwrap();
     assert!(conf.contains("work_mem = '16MB'"), "{conf}");
 }

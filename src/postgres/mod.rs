@@ -6,3 +6,4 @@ pub mod conf;
 pub mod connect;
 pub mod datadir;
 pub mod log;
+pub mod lsn;

@@ -71,15 +71,17 @@ impl StopOutcome {
 }
 
 /// The postmaster's lifecycle, as seen by everyone else.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum State {
-    /// Not running, on purpose (before the first start or after a stop).
+    /// Before the first start: the data directory is being prepared.
+    Initializing,
+    /// Not running, on purpose (after a stop).
     Stopped,
-    /// Spawned, not yet accepting connections (includes crash recovery).
-    Starting { pid: i32 },
-    /// Accepting connections.
-    Running { pid: i32 },
+    /// Spawned, not yet accepting connections. `crash_recovery` when the data directory was
+    /// not shut down cleanly, so WAL replay (of unknown length) comes first.
+    Starting { pid: i32, crash_recovery: bool },
+    /// Accepting connections since `since`.
+    Running { pid: i32, since: Instant },
     /// Shutting down in the given mode.
     Stopping { pid: i32, mode: StopMode },
     /// Died unexpectedly; restarting after a backoff.
@@ -88,14 +90,15 @@ pub enum State {
     Failed { reason: String },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {
-    #[serde(flatten)]
     pub state: State,
     /// Unexpected postmaster exits since pgwarden started.
     pub crashes: u64,
     /// Postmaster starts since pgwarden started.
     pub starts: u64,
+    /// Whether Postgres has accepted connections at least once.
+    pub ever_ready: bool,
 }
 
 type Reply<T> = oneshot::Sender<T>;
@@ -155,14 +158,24 @@ pub struct Spec {
     pub supervision: SupervisionConfig,
 }
 
-/// Starts the actor; returns its handle and the status channel.
-pub fn spawn(spec: Spec, reaper: Reaper, log: ServerLog) -> (Handle, watch::Receiver<Status>) {
-    let (tx, rx) = mpsc::channel(16);
-    let (status_tx, status_rx) = watch::channel(Status {
-        state: State::Stopped,
+/// The status channel, created before the actor so that probes can report the bootstrap.
+pub fn status_channel() -> (watch::Sender<Status>, watch::Receiver<Status>) {
+    watch::channel(Status {
+        state: State::Initializing,
         crashes: 0,
         starts: 0,
-    });
+        ever_ready: false,
+    })
+}
+
+/// Starts the actor, which publishes on `status_tx`.
+pub fn spawn(
+    spec: Spec,
+    reaper: Reaper,
+    log: ServerLog,
+    status_tx: watch::Sender<Status>,
+) -> Handle {
+    let (tx, rx) = mpsc::channel(16);
     let actor = Actor {
         spec,
         reaper,
@@ -175,7 +188,7 @@ pub fn spawn(spec: Spec, reaper: Reaper, log: ServerLog) -> (Handle, watch::Rece
         stop_waiters: Vec::new(),
     };
     tokio::spawn(actor.run(rx));
-    (Handle { tx }, status_rx)
+    Handle { tx }
 }
 
 struct ChildProc {
@@ -352,6 +365,7 @@ impl Actor {
     }
 
     fn start(&mut self) {
+        let crash_recovery = !cleanly_shut_down(&self.spec.settings.data_dir);
         if let Err(message) = self.render().and_then(|()| self.spawn_postgres()) {
             tracing::error!(error = %message, "cannot start postgres");
             self.on_crash(message);
@@ -360,7 +374,10 @@ impl Actor {
         let pid = self.pid();
         self.status.send_modify(|s| {
             s.starts += 1;
-            s.state = State::Starting { pid };
+            s.state = State::Starting {
+                pid,
+                crash_recovery,
+            };
         });
         let (tx, ready) = oneshot::channel();
         let s = &self.spec.settings;
@@ -372,7 +389,7 @@ impl Actor {
             tx,
         ));
         self.phase = Phase::Starting { ready, probe };
-        tracing::info!(pid, "postmaster started");
+        tracing::info!(pid, crash_recovery, "postmaster started");
     }
 
     fn spawn_postgres(&mut self) -> Result<(), String> {
@@ -409,7 +426,13 @@ impl Actor {
         self.log.clear_recent();
         self.phase = Phase::Running;
         let pid = self.pid();
-        self.publish(State::Running { pid });
+        self.status.send_modify(|s| {
+            s.ever_ready = true;
+            s.state = State::Running {
+                pid,
+                since: Instant::now(),
+            };
+        });
         tracing::info!(pid, "postgres is ready to accept connections");
         for w in self.start_waiters.drain(..) {
             let _ = w.send(Ok(()));
@@ -597,6 +620,24 @@ async fn wait_ready(
             return;
         }
     }
+}
+
+/// Whether `global/pg_control` says the cluster was shut down cleanly (as a primary or in
+/// recovery). Anything else, including an unreadable file, means crash recovery may run.
+fn cleanly_shut_down(data_dir: &Path) -> bool {
+    // ControlFileData: system_identifier u64, pg_control_version u32, catalog_version_no u32,
+    // then `state` (DBState) as a 32-bit value in native byte order.
+    const STATE_OFFSET: usize = 16;
+    const DB_SHUTDOWNED: u32 = 1;
+    const DB_SHUTDOWNED_IN_RECOVERY: u32 = 2;
+    let Ok(bytes) = std::fs::read(data_dir.join("global/pg_control")) else {
+        return false;
+    };
+    let Some(raw) = bytes.get(STATE_OFFSET..STATE_OFFSET + 4) else {
+        return false;
+    };
+    let state = u32::from_ne_bytes([raw[0], raw[1], raw[2], raw[3]]);
+    matches!(state, DB_SHUTDOWNED | DB_SHUTDOWNED_IN_RECOVERY)
 }
 
 /// The status word on line 8 of `postmaster.pid` (`starting`, `ready`, `standby`, `stopping`).

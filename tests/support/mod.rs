@@ -302,3 +302,47 @@ impl Drop for Warden {
         }
     }
 }
+
+/// A minimal HTTP/1.1 GET (the tests need nothing more): returns status code and body.
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((code, body.to_string()))
+}
+
+/// GET returning the JSON body.
+pub fn http_json(port: u16, path: &str) -> (u16, serde_json::Value) {
+    let (code, body) = http_get(port, path).unwrap();
+    let json = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"));
+    (code, json)
+}
+
+/// Pids of every process whose parent is `pid`, and theirs.
+pub fn descendants(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        let path = format!("/proc/{p}/task/{p}/children");
+        if let Ok(text) = std::fs::read_to_string(path) {
+            for c in text.split_whitespace().filter_map(|c| c.parse().ok()) {
+                out.push(c);
+                frontier.push(c);
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,100 @@
+//! `/pg/status`: one JSON document describing the instance, with a versioned schema
+//! (`docs/status.schema.json`, printed by `pgwarden status-schema`).
+
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::Json;
+use serde::Serialize;
+
+use super::AppState;
+use crate::health::Health;
+use crate::monitor::snapshot::PgState;
+use crate::supervisor::postmaster::State as Postmaster;
+
+/// Bumped on any incompatible change of the document.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The status document.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct StatusDoc {
+    pub schema_version: u32,
+    pub pgwarden_version: String,
+    pub instance: String,
+    pub health: Health,
+    pub postmaster: PostmasterDoc,
+    pub monitor: MonitorDoc,
+    /// The PostgreSQL binaries' version.
+    pub postgres_version: String,
+    /// Live state; null while Postgres is not running.
+    pub postgres: Option<PgState>,
+}
+
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct PostmasterDoc {
+    pub state: String,
+    pub pid: Option<i32>,
+    pub starts: u64,
+    pub crashes: u64,
+}
+
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct MonitorDoc {
+    /// Seconds since Postgres last answered the monitoring loop.
+    pub last_refresh_age_seconds: Option<f64>,
+    pub error: Option<String>,
+}
+
+pub async fn handler(State(state): State<AppState>) -> Json<StatusDoc> {
+    let shared = &state.inner;
+    let view = shared.view();
+    let (name, pid) = match &view.status.state {
+        Postmaster::Initializing => ("initializing", None),
+        Postmaster::Stopped => ("stopped", None),
+        Postmaster::Starting { pid, .. } => ("starting", Some(*pid)),
+        Postmaster::Running { pid, .. } => ("running", Some(*pid)),
+        Postmaster::Stopping { pid, .. } => ("stopping", Some(*pid)),
+        Postmaster::Restarting { .. } => ("restarting", None),
+        Postmaster::Failed { .. } => ("failed", None),
+    };
+    Json(StatusDoc {
+        schema_version: SCHEMA_VERSION,
+        pgwarden_version: env!("CARGO_PKG_VERSION").to_string(),
+        instance: shared.instance.clone(),
+        health: view.health,
+        postmaster: PostmasterDoc {
+            state: name.to_string(),
+            pid,
+            starts: view.status.starts,
+            crashes: view.status.crashes,
+        },
+        monitor: MonitorDoc {
+            last_refresh_age_seconds: view
+                .observation
+                .refreshed
+                .map(|t| Instant::now().saturating_duration_since(t).as_secs_f64()),
+            error: view.observation.error.clone(),
+        },
+        postgres_version: shared.postgres_version.borrow().clone(),
+        postgres: view.observation.pg.as_deref().cloned(),
+    })
+}
+
+/// The JSON Schema of [`StatusDoc`].
+pub fn schema() -> String {
+    let schema = schemars::schema_for!(StatusDoc);
+    serde_json::to_string_pretty(&schema).unwrap_or_default() + "\n"
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn committed_schema_is_current() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/status.schema.json");
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == super::schema(),
+            "docs/status.schema.json is stale: run `pgwarden status-schema > docs/status.schema.json`"
+        );
+    }
+}

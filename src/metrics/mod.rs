@@ -1,0 +1,83 @@
+//! Prometheus metrics, prefix `pgwarden_`.
+//!
+//! Three sources, all cheap at scrape time: pgwarden's own counters and histograms (kept in a
+//! registry), the instance's state (derived from the latest observation and postmaster status,
+//! see [`instance`]), and the query-based metrics cached by the monitoring task.
+
+pub mod families;
+pub mod instance;
+
+use prometheus::{
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts,
+    Registry, TextEncoder,
+};
+
+use families::{to_families, Sample};
+
+pub struct Metrics {
+    registry: Registry,
+    pub loop_duration: HistogramVec,
+    pub query_errors: IntCounterVec,
+    pub probe_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub scrapes: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> prometheus::Result<Metrics> {
+        let registry = Registry::new();
+        let loop_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "pgwarden_loop_duration_seconds",
+                "Duration of one run of a background loop",
+            )
+            .buckets(exponential_buckets(0.0005, 4.0, 9)?),
+            &["loop"],
+        )?;
+        let query_errors = IntCounterVec::new(
+            Opts::new("pgwarden_query_errors_total", "Failed metric query runs"),
+            &["query"],
+        )?;
+        let probe_requests = IntCounterVec::new(
+            Opts::new(
+                "pgwarden_probe_requests_total",
+                "Probe requests answered, by probe and status code",
+            ),
+            &["probe", "code"],
+        )?;
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "pgwarden_http_request_duration_seconds",
+                "Latency of pgwarden's HTTP responses",
+            )
+            .buckets(exponential_buckets(0.0001, 4.0, 9)?),
+            &["server", "path", "code"],
+        )?;
+        let scrapes = IntCounter::new("pgwarden_scrapes_total", "Metric scrapes served")?;
+        registry.register(Box::new(loop_duration.clone()))?;
+        registry.register(Box::new(query_errors.clone()))?;
+        registry.register(Box::new(probe_requests.clone()))?;
+        registry.register(Box::new(http_duration.clone()))?;
+        registry.register(Box::new(scrapes.clone()))?;
+        Ok(Metrics {
+            registry,
+            loop_duration,
+            query_errors,
+            probe_requests,
+            http_duration,
+            scrapes,
+        })
+    }
+
+    /// The exposition text: the registry plus the given samples.
+    pub fn render(&self, samples: Vec<Sample>) -> String {
+        let mut families = self.registry.gather();
+        families.extend(to_families(samples));
+        families.sort_by(|a, b| a.get_name().cmp(b.get_name()));
+        let mut out = Vec::with_capacity(16 * 1024);
+        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
