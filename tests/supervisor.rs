@@ -434,6 +434,24 @@ async fn sighup_applies_a_changed_parameter_and_keeps_the_last_good_configuratio
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // A value Postgres refuses is reported with Postgres's own message; nothing changes.
+    sb.extra = "[postgres.parameters]\nwork_mem = \"lots\"\n".into();
+    sb.config();
+    warden.signal(Signal::SIGHUP);
+    warden.wait_for_line("reload failed", LONG);
+    assert!(
+        warden
+            .output()
+            .contains(r#"invalid value for parameter \"work_mem\": \"lots\""#),
+        "{}",
+        warden.output()
+    );
+    let fresh = sb.client().await.unwrap();
+    assert_eq!(
+        work_mem(fresh.simple_query("SHOW work_mem").await.unwrap()),
+        "16MB"
+    );
+
     // A broken file is refused; the running configuration stays.
     std::fs::write(
         sb.dir.path().join("pgwarden.toml"),

@@ -292,6 +292,50 @@ impl Rendered {
     }
 }
 
+/// Asks Postgres itself whether it accepts a candidate postgresql.conf (`postgres -C`, which
+/// parses and validates every value without touching the running server). Returns Postgres's
+/// own messages when it does not.
+pub async fn check(
+    reaper: &crate::supervisor::reaper::Reaper,
+    postgres: &Path,
+    pg: &PostgresConfig,
+    candidate: &Rendered,
+) -> Result<(), String> {
+    let path = pg.run_dir.join("postgresql.conf.candidate");
+    write_atomic(&path, &candidate.postgresql_conf)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let mut cmd = std::process::Command::new(postgres);
+    cmd.arg("-D")
+        .arg(&pg.data_dir)
+        .arg("-c")
+        .arg(format!("config_file={}", path.display()))
+        .args(["-C", "port"]);
+    let out = reaper
+        .output(&mut cmd)
+        .await
+        .map_err(|e| format!("cannot run {}: {e}", postgres.display()));
+    let _ = std::fs::remove_file(&path);
+    let out = out?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let messages: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.contains("contains errors"))
+        .filter_map(|l| {
+            ["LOG:  ", "FATAL:  ", "ERROR:  ", "DETAIL:  ", "HINT:  "]
+                .iter()
+                .find_map(|tag| l.find(tag).map(|at| l[at + tag.len()..].trim()))
+        })
+        .collect();
+    Err(if messages.is_empty() {
+        format!("postgres rejected the configuration: {}", out.stderr.trim())
+    } else {
+        messages.join("; ")
+    })
+}
+
 fn write_atomic(path: &Path, content: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("pgwarden-tmp");
     {

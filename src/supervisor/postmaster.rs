@@ -239,7 +239,7 @@ impl Actor {
         loop {
             let event = self.next_event(&mut rx).await;
             match event {
-                Event::Command(Some(cmd)) => self.handle(cmd),
+                Event::Command(Some(cmd)) => self.handle(cmd).await,
                 Event::Command(None) => {
                     // Every handle is gone: nobody can stop us any more, so stop now.
                     if self.child.is_some() {
@@ -296,7 +296,7 @@ impl Actor {
         self.child.as_ref().map_or(0, |c| c.pid.as_raw())
     }
 
-    fn handle(&mut self, cmd: Command) {
+    async fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Start(reply) => match self.phase {
                 Phase::Running => {
@@ -339,16 +339,34 @@ impl Actor {
                 }
             }
             Command::Reload(settings, reply) => {
-                if let Some(settings) = settings {
-                    self.spec.settings = *settings;
-                }
-                let result = self.render().and_then(|()| match &self.child {
-                    Some(c) => kill(c.pid, Signal::SIGHUP)
-                        .map_err(|e| format!("cannot signal the postmaster: {e}")),
-                    None => Ok(()),
-                });
+                let result = self.reload(settings).await;
                 let _ = reply.send(result);
             }
+        }
+    }
+
+    /// Applies new settings only when Postgres accepts them: the candidate postgresql.conf is
+    /// checked by `postgres -C` first, so a rejected value is reported with Postgres's own
+    /// message and the running configuration stays as it was.
+    async fn reload(&mut self, settings: Option<Box<PostgresConfig>>) -> Result<(), String> {
+        if let Some(settings) = settings {
+            if *settings != self.spec.settings {
+                let candidate = conf::render(&settings, &self.spec.os_user);
+                conf::check(
+                    &self.reaper,
+                    &self.spec.binaries.postgres(),
+                    &settings,
+                    &candidate,
+                )
+                .await?;
+                self.spec.settings = *settings;
+            }
+        }
+        self.render()?;
+        match &self.child {
+            Some(c) => kill(c.pid, Signal::SIGHUP)
+                .map_err(|e| format!("cannot signal the postmaster: {e}")),
+            None => Ok(()),
         }
     }
 
