@@ -53,6 +53,7 @@ pub struct Config {
     pub supervision: SupervisionConfig,
     pub monitor: MonitorConfig,
     pub probes: ProbesConfig,
+    pub kubernetes: KubernetesConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -141,6 +142,40 @@ pub struct ProbesConfig {
     pub max_standby_lag_bytes: Option<u64>,
 }
 
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    /// Name of the PostgresCluster this instance follows; the Kubernetes integration is on when
+    /// set. The API server is found from `KUBECONFIG` / `~/.kube/config` or the in-cluster
+    /// service account.
+    pub cluster: Option<String>,
+    /// Default: the `POD_NAMESPACE` environment variable (downward API), else the kubeconfig's.
+    pub namespace: Option<String>,
+    /// Default: the `POD_NAME` environment variable (downward API), else `instance_name`.
+    pub pod_name: Option<String>,
+    /// Address advertised in the status. Default: the `POD_IP` environment variable.
+    pub pod_ip: Option<String>,
+    /// The instance's status entry is refreshed at least this often (and on every change).
+    #[serde(with = "humantime_serde")]
+    pub status_interval: Duration,
+    /// Bound for every API call but the watches.
+    #[serde(with = "humantime_serde")]
+    pub api_timeout: Duration,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            cluster: None,
+            namespace: None,
+            pod_name: None,
+            pod_ip: None,
+            status_interval: Duration::from_secs(5),
+            api_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
 impl Default for MonitorConfig {
     fn default() -> Self {
         MonitorConfig {
@@ -152,8 +187,8 @@ impl Default for MonitorConfig {
     }
 }
 
-/// A postgresql.conf value as written in TOML.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// A postgresql.conf value as written in TOML (or in the PostgresCluster spec).
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum ParamValue {
     Bool(bool),
@@ -183,6 +218,7 @@ impl Default for Config {
             supervision: SupervisionConfig::default(),
             monitor: MonitorConfig::default(),
             probes: ProbesConfig::default(),
+            kubernetes: KubernetesConfig::default(),
         }
     }
 }

@@ -77,6 +77,32 @@ impl Health {
     }
 }
 
+/// The thresholds of [`assess`], bound once at start.
+#[derive(Debug, Clone, Copy)]
+pub struct Assessor {
+    /// The monitoring loop is wedged when its heartbeat is older than this.
+    pub heartbeat_deadline: Duration,
+    /// Postgres is unresponsive when it has not answered for this long.
+    pub freshness: Duration,
+}
+
+impl Assessor {
+    pub fn assess(
+        &self,
+        status: &crate::supervisor::postmaster::Status,
+        observation: &crate::monitor::Observation,
+    ) -> Health {
+        assess(&Inputs {
+            postmaster: &status.state,
+            monitor_heartbeat: observation.heartbeat,
+            monitor_refreshed: observation.refreshed,
+            now: Instant::now(),
+            heartbeat_deadline: self.heartbeat_deadline,
+            freshness: self.freshness,
+        })
+    }
+}
+
 /// What the health is derived from.
 pub struct Inputs<'a> {
     pub postmaster: &'a Postmaster,

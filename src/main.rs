@@ -3,6 +3,7 @@
 mod config;
 mod health;
 mod http;
+mod k8s;
 mod logging;
 mod metrics;
 mod monitor;
@@ -61,12 +62,18 @@ enum Cmd {
     },
     /// Print the JSON Schema of the `/pg/status` document.
     StatusSchema,
+    /// Print the PostgresCluster CustomResourceDefinition as YAML.
+    Crd,
 }
 
 fn main() {
     let cli = Cli::parse();
     logging::init(cli.log_format, &cli.log_level);
     let code = match cli.command {
+        Cmd::Crd => {
+            print!("{}", k8s::crd::crd_yaml());
+            0
+        }
         Cmd::StatusSchema => {
             print!("{}", http::status::schema());
             0

@@ -10,7 +10,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::health;
 use crate::http;
+use crate::k8s;
 use crate::logging::LogFormat;
 use crate::metrics::Metrics;
 use crate::monitor::{self, queries, queries::QuerySpec};
@@ -50,6 +52,11 @@ pub async fn run(opts: Options) -> anyhow::Result<i32> {
     let monitor = monitor::spawn(&config, user_queries, status_rx.clone(), metrics.clone());
     let (version_tx, version_rx) = watch::channel(String::from("unknown"));
     let (stop_http, stop_http_rx) = watch::channel(false);
+    let assessor = health::Assessor {
+        heartbeat_deadline: monitor::heartbeat_deadline(&config.monitor),
+        freshness: monitor::freshness(&config.monitor),
+    };
+    let observations = monitor.observation.clone();
     let state = http::AppState {
         inner: Arc::new(http::Shared {
             instance: config.instance_name.clone(),
@@ -59,13 +66,13 @@ pub async fn run(opts: Options) -> anyhow::Result<i32> {
             metrics,
             reaper: reaper.clone(),
             max_standby_lag_bytes: config.probes.max_standby_lag_bytes,
-            heartbeat_deadline: monitor::heartbeat_deadline(&config.monitor),
-            freshness: monitor::freshness(&config.monitor),
+            assessor,
+            kubernetes: std::sync::OnceLock::new(),
             scrape_wait: config.http.request_timeout / 2,
         }),
     };
     let servers = http::serve(
-        state,
+        state.clone(),
         config.http.status_listen,
         config.http.metrics_listen,
         config.http.request_timeout,
@@ -105,6 +112,18 @@ pub async fn run(opts: Options) -> anyhow::Result<i32> {
         supervision: config.supervision.clone(),
     };
     let postmaster = postmaster::spawn(spec, reaper.clone(), server_log, status_tx);
+    let kubernetes = k8s::start(k8s::Start {
+        config: config.clone(),
+        base: pg.clone(),
+        postmaster: postmaster.clone(),
+        status: status_rx.clone(),
+        observation: observations,
+        assessor,
+    })
+    .await?;
+    if let Some(k) = kubernetes {
+        let _ = state.inner.kubernetes.set(k);
+    }
     // Not awaited: signals must be handled while Postgres starts (or recovers).
     let starter = postmaster.clone();
     tokio::spawn(async move {

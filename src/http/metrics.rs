@@ -16,7 +16,7 @@ pub async fn handler(State(state): State<AppState>) -> impl IntoResponse {
     let postgres_up = view
         .observation
         .refreshed
-        .is_some_and(|t| t.elapsed() <= shared.freshness)
+        .is_some_and(|t| t.elapsed() <= shared.assessor.freshness)
         && view.observation.pg.is_some();
     samples.extend(instance::samples(&instance::Context {
         health: view.health,

@@ -37,10 +37,9 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub reaper: Reaper,
     pub max_standby_lag_bytes: Option<u64>,
-    /// The monitoring loop is wedged when its heartbeat is older than this.
-    pub heartbeat_deadline: Duration,
-    /// Postgres is unresponsive when it has not answered for this long.
-    pub freshness: Duration,
+    pub assessor: health::Assessor,
+    /// The Kubernetes side, once started (when configured).
+    pub kubernetes: std::sync::OnceLock<Arc<crate::k8s::Shared>>,
     /// How long a scrape waits for fresh metric queries before serving the cached ones.
     pub scrape_wait: Duration,
 }
@@ -56,14 +55,7 @@ impl Shared {
     pub fn view(&self) -> View {
         let status = self.postmaster.borrow().clone();
         let observation = self.monitor.observation.borrow().clone();
-        let health = health::assess(&health::Inputs {
-            postmaster: &status.state,
-            monitor_heartbeat: observation.heartbeat,
-            monitor_refreshed: observation.refreshed,
-            now: Instant::now(),
-            heartbeat_deadline: self.heartbeat_deadline,
-            freshness: self.freshness,
-        });
+        let health = self.assessor.assess(&status, &observation);
         View {
             health,
             status,

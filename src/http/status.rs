@@ -28,6 +28,17 @@ pub struct StatusDoc {
     pub postgres_version: String,
     /// Live state; null while Postgres is not running.
     pub postgres: Option<PgState>,
+    /// The Kubernetes side; null when pgwarden runs without it.
+    pub kubernetes: Option<KubernetesDoc>,
+}
+
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct KubernetesDoc {
+    pub cluster: String,
+    pub namespace: String,
+    pub pod: String,
+    pub api: crate::k8s::ApiHealth,
+    pub conditions: Vec<crate::k8s::crd::Condition>,
 }
 
 #[derive(Debug, Serialize, schemars::JsonSchema)]
@@ -77,6 +88,13 @@ pub async fn handler(State(state): State<AppState>) -> Json<StatusDoc> {
         },
         postgres_version: shared.postgres_version.borrow().clone(),
         postgres: view.observation.pg.as_deref().cloned(),
+        kubernetes: shared.kubernetes.get().map(|k| KubernetesDoc {
+            cluster: k.identity.cluster.clone(),
+            namespace: k.identity.namespace.clone(),
+            pod: k.identity.pod.clone(),
+            api: k.api_health(),
+            conditions: k.conditions(),
+        }),
     })
 }
 

@@ -1,0 +1,382 @@
+//! The `PostgresCluster` custom resource (group `pgwarden.dev`, version `v1`).
+//!
+//! The schema carries what the API server can check (types, bounds, CEL rules); [`validate`]
+//! checks the rest again in pgwarden, so a spec that slipped past the schema (or an API server
+//! without validation) is still refused with a precise message.
+
+use std::collections::BTreeMap;
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::config::ParamValue;
+
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "pgwarden.dev",
+    version = "v1",
+    kind = "PostgresCluster",
+    plural = "postgresclusters",
+    shortname = "pgc",
+    namespaced,
+    status = "PostgresClusterStatus",
+    printcolumn = r#"{"name":"Primary","type":"string","jsonPath":".status.currentPrimary"}"#,
+    printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyInstances"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PostgresClusterSpec {
+    /// Number of instances; matches the StatefulSet's replicas.
+    #[schemars(range(min = 1, max = 16))]
+    pub instances: u32,
+    #[serde(default)]
+    pub postgresql: PostgresqlSpec,
+    #[serde(default)]
+    pub synchronous: SynchronousSpec,
+    #[serde(default)]
+    pub failover: FailoverSpec,
+    #[serde(default)]
+    pub probes: ProbesSpec,
+    #[serde(default)]
+    pub monitoring: MonitoringSpec,
+    pub secrets: SecretsSpec,
+    /// How changes that need a restart are applied.
+    #[serde(default)]
+    pub update_strategy: UpdateStrategy,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PostgresqlSpec {
+    /// postgresql.conf parameters (strings or integers). Parameters pgwarden owns are refused.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, SpecParam>,
+    /// Extra pg_hba.conf rules, after pgwarden's own and before the defaults.
+    #[serde(default)]
+    pub pg_hba: Vec<String>,
+}
+
+/// A parameter value in the spec. The schema says `x-kubernetes-int-or-string` (a structural
+/// schema cannot offer "any scalar"); booleans and decimals are written as strings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(transparent)]
+pub struct SpecParam(pub ParamValue);
+
+impl JsonSchema for SpecParam {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "SpecParam".into()
+    }
+    fn inline_schema() -> bool {
+        true
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "x-kubernetes-int-or-string": true })
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SynchronousSpec {
+    #[serde(default)]
+    pub mode: SynchronousMode,
+    /// Quorum mode: how many standbys must confirm each commit.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 15))]
+    pub number: u32,
+    /// Quorum mode: fall back to asynchronous commits when fewer than `number` standbys are
+    /// available (reported), instead of making commits wait.
+    #[serde(default)]
+    pub allow_degraded: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum SynchronousMode {
+    #[default]
+    Off,
+    Quorum,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(validation = Rule::new("self.renewDeadlineSeconds + self.retryPeriodSeconds < self.leaseDurationSeconds").message("renewDeadlineSeconds + retryPeriodSeconds must be less than leaseDurationSeconds"))]
+pub struct FailoverSpec {
+    #[serde(default = "defaults::lease_duration")]
+    #[schemars(range(min = 2, max = 300))]
+    pub lease_duration_seconds: u32,
+    #[serde(default = "defaults::renew_deadline")]
+    #[schemars(range(min = 1, max = 300))]
+    pub renew_deadline_seconds: u32,
+    #[serde(default = "defaults::retry_period")]
+    #[schemars(range(min = 1, max = 60))]
+    pub retry_period_seconds: u32,
+    /// Asynchronous mode: a standby further behind than this is not promoted.
+    #[serde(default)]
+    pub maximum_lag_bytes: Option<u64>,
+}
+
+impl Default for FailoverSpec {
+    fn default() -> Self {
+        FailoverSpec {
+            lease_duration_seconds: defaults::lease_duration(),
+            renew_deadline_seconds: defaults::renew_deadline(),
+            retry_period_seconds: defaults::retry_period(),
+            maximum_lag_bytes: None,
+        }
+    }
+}
+
+mod defaults {
+    pub fn lease_duration() -> u32 {
+        10
+    }
+    pub fn renew_deadline() -> u32 {
+        6
+    }
+    pub fn retry_period() -> u32 {
+        2
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProbesSpec {
+    /// A standby whose replay is further behind is not ready.
+    #[serde(default)]
+    pub max_standby_lag_bytes: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MonitoringSpec {
+    /// A ConfigMap key holding custom metric queries (postgres_exporter / CloudNativePG format).
+    #[serde(default)]
+    pub custom_queries: Option<KeyRef>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretsSpec {
+    /// Secret with the superuser password (key `password`).
+    pub superuser: KeyRef,
+    /// Secret with the replication user's password (key `password`).
+    pub replication: KeyRef,
+}
+
+/// A key of a Secret or ConfigMap in the cluster's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KeyRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[serde(default = "default_key")]
+    pub key: String,
+}
+
+fn default_key() -> String {
+    "password".into()
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum UpdateStrategy {
+    /// Restart the instance when a changed parameter needs it.
+    #[default]
+    Restart,
+    /// Report the pending restart and leave it to an operator.
+    Manual,
+}
+
+/// Cluster status. Each instance writes only its own `instances.<name>` entry (merge patch);
+/// cluster-level fields are written by the primary.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PostgresClusterStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_primary: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_primary: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_instances: Option<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub instances: BTreeMap<String, InstanceStatus>,
+}
+
+/// One instance's report.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceStatus {
+    /// primary, replica, fenced or unknown.
+    pub role: String,
+    pub health: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_lsn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received_lsn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replayed_lsn: Option<String>,
+    pub ready: bool,
+    pub pending_restart: bool,
+    pub pgwarden_version: String,
+    /// RFC 3339.
+    pub last_report_time: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// A condition, following the Kubernetes API conventions.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// True, False or Unknown.
+    pub status: String,
+    pub reason: String,
+    pub message: String,
+    pub last_transition_time: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Checks what the schema cannot express (or an API server did not enforce). Each problem
+/// names its field.
+pub fn validate(spec: &PostgresClusterSpec) -> Result<(), Vec<String>> {
+    let mut problems = Vec::new();
+    for (name, value) in &spec.postgresql.parameters {
+        if let Err(reason) = crate::postgres::conf::check_user_parameter(name, &value.0) {
+            problems.push(format!("spec.postgresql.parameters.{name}: {reason}"));
+        }
+    }
+    for (i, rule) in spec.postgresql.pg_hba.iter().enumerate() {
+        if let Err(reason) = crate::postgres::conf::check_hba_rule(rule) {
+            problems.push(format!("spec.postgresql.pgHba[{i}]: {reason}"));
+        }
+    }
+    let f = &spec.failover;
+    if f.renew_deadline_seconds + f.retry_period_seconds >= f.lease_duration_seconds {
+        problems.push(format!(
+            "spec.failover: renewDeadlineSeconds ({}) + retryPeriodSeconds ({}) must be less than leaseDurationSeconds ({})",
+            f.renew_deadline_seconds, f.retry_period_seconds, f.lease_duration_seconds
+        ));
+    }
+    if !(1..=16).contains(&spec.instances) {
+        problems.push(format!(
+            "spec.instances: {} is not between 1 and 16",
+            spec.instances
+        ));
+    }
+    let s = &spec.synchronous;
+    if s.mode == SynchronousMode::Quorum && (s.number == 0 || s.number >= spec.instances) {
+        problems.push(format!(
+            "spec.synchronous.number: {} must be between 1 and instances - 1 ({})",
+            s.number,
+            spec.instances.saturating_sub(1)
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
+}
+
+/// Parses a spec as stored in the API server, naming the field of the first error.
+pub fn parse_spec(spec: &serde_json::Value) -> Result<PostgresClusterSpec, String> {
+    serde_path_to_error::deserialize(spec).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        if path == "." {
+            format!("spec: {inner}")
+        } else {
+            format!("spec.{path}: {inner}")
+        }
+    })
+}
+
+/// The CRD as YAML, as committed in `config/crd.yaml`.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    let crd = PostgresCluster::crd();
+    format!(
+        "# Generated by `pgwarden crd`: do not edit.\n{}",
+        serde_yaml::to_string(&crd).unwrap_or_default()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn base() -> serde_json::Value {
+        json!({
+            "instances": 3,
+            "secrets": {"superuser": {"name": "su"}, "replication": {"name": "repl"}}
+        })
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let spec = parse_spec(&base()).unwrap();
+        assert_eq!(spec.failover.lease_duration_seconds, 10);
+        assert_eq!(spec.secrets.superuser.key, "password");
+        assert_eq!(spec.update_strategy, UpdateStrategy::Restart);
+        assert!(validate(&spec).is_ok());
+    }
+
+    #[test]
+    fn bad_input_names_the_field() {
+        let mut v = base();
+        v["postgresql"] = json!({"parameters": {"work_mem": "4MB"}, "bogus": 1});
+        let e = parse_spec(&v).unwrap_err();
+        assert!(e.contains("spec.postgresql") && e.contains("bogus"), "{e}");
+
+        let mut v = base();
+        v["instances"] = json!("three");
+        assert!(parse_spec(&v).unwrap_err().contains("spec.instances"));
+
+        let mut v = base();
+        v["postgresql"] = json!({"parameters": {"port": 5433}});
+        let problems = validate(&parse_spec(&v).unwrap()).unwrap_err();
+        assert!(
+            problems[0].starts_with("spec.postgresql.parameters.port"),
+            "{problems:?}"
+        );
+
+        let mut v = base();
+        v["failover"] = json!({"leaseDurationSeconds": 8, "renewDeadlineSeconds": 6});
+        let problems = validate(&parse_spec(&v).unwrap()).unwrap_err();
+        assert!(problems[0].contains("leaseDurationSeconds"), "{problems:?}");
+    }
+
+    #[test]
+    fn committed_crd_is_current() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/crd.yaml");
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            committed == crd_yaml(),
+            "config/crd.yaml is stale: run `pgwarden crd > config/crd.yaml`"
+        );
+    }
+
+    #[test]
+    fn crd_has_the_cel_rule_and_printer_columns() {
+        let y = crd_yaml();
+        assert!(y.contains("x-kubernetes-validations"));
+        assert!(y.contains("renewDeadlineSeconds + self.retryPeriodSeconds"));
+        assert!(y.contains("currentPrimary"));
+        assert!(y.contains("shortNames"));
+        assert!(y.contains("subresources"));
+    }
+}

@@ -1,0 +1,216 @@
+//! Kubernetes: the `PostgresCluster` resource and everything that talks to the API server.
+//!
+//! Three tasks, each with one job: the reconciler watches this instance's PostgresCluster and
+//! applies its spec; the secrets task watches the password Secrets and applies them; the
+//! reporter writes this instance's own status entry and its Pod's labels. None of them is
+//! needed for Postgres to keep serving: when the API server is unreachable they retry with
+//! backoff and the status API says so.
+
+pub mod conditions;
+pub mod crd;
+mod events;
+mod reconcile;
+mod report;
+mod secrets;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use kube::api::{ApiResource, DynamicObject};
+use kube::{Api, Client};
+use serde::Serialize;
+use tokio::sync::{watch, Notify};
+
+use crate::config::{Config, PostgresConfig};
+use crate::monitor::Observation;
+use crate::supervisor::postmaster::{self, Status};
+use crd::{Condition, PostgresCluster};
+
+/// Who this instance is, from the downward API and the configuration.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub cluster: String,
+    pub namespace: String,
+    pub pod: String,
+    pub address: Option<String>,
+}
+
+/// Reachability of the API server, as seen by the last calls.
+#[derive(Debug, Clone, Default, Serialize, schemars::JsonSchema)]
+pub struct ApiHealth {
+    pub reachable: bool,
+    pub last_error: Option<String>,
+    #[serde(skip)]
+    pub last_success: Option<Instant>,
+}
+
+/// State shared by the Kubernetes tasks.
+pub struct Shared {
+    pub identity: Identity,
+    api_health: Mutex<ApiHealth>,
+    /// This instance's conditions (written by the reconciler, reported by the reporter).
+    conditions: Mutex<Vec<Condition>>,
+    /// Wakes the reporter when something worth reporting changed.
+    pub report_now: Notify,
+    /// The latest PostgresCluster seen by the reconciler.
+    pub cluster: watch::Sender<Option<Arc<DynamicObject>>>,
+}
+
+impl Shared {
+    pub fn api_health(&self) -> ApiHealth {
+        self.api_health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records the outcome of an API call.
+    pub fn api_result<T, E: std::fmt::Display>(&self, r: &Result<T, E>) {
+        let mut h = self.api_health.lock().unwrap_or_else(|p| p.into_inner());
+        match r {
+            Ok(_) => {
+                if !h.reachable {
+                    tracing::info!("Kubernetes API server reachable");
+                }
+                h.reachable = true;
+                h.last_error = None;
+                h.last_success = Some(Instant::now());
+            }
+            Err(e) => {
+                if h.reachable || h.last_error.is_none() {
+                    tracing::warn!(error = %e, "Kubernetes API server unreachable; Postgres keeps serving");
+                }
+                h.reachable = false;
+                h.last_error = Some(e.to_string());
+            }
+        }
+    }
+
+    pub fn conditions(&self) -> Vec<Condition> {
+        self.conditions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Sets a condition; wakes the reporter when it changed.
+    pub fn set_condition(
+        &self,
+        type_: &str,
+        ok: bool,
+        reason: &str,
+        message: &str,
+        generation: Option<i64>,
+    ) {
+        let changed = {
+            let mut list = self.conditions.lock().unwrap_or_else(|p| p.into_inner());
+            conditions::set(&mut list, type_, ok, reason, message, generation)
+        };
+        if changed {
+            self.report_now.notify_one();
+        }
+    }
+}
+
+/// Inputs of the Kubernetes tasks.
+pub struct Start {
+    pub config: Config,
+    pub base: PostgresConfig,
+    pub postmaster: postmaster::Handle,
+    pub status: watch::Receiver<Status>,
+    pub observation: watch::Receiver<Observation>,
+    pub assessor: crate::health::Assessor,
+}
+
+/// Connects to the API server (kubeconfig or in-cluster) and starts the tasks. Returns `None`
+/// when no cluster is configured.
+pub async fn start(s: Start) -> anyhow::Result<Option<Arc<Shared>>> {
+    let k = &s.config.kubernetes;
+    let Some(cluster) = k.cluster.clone() else {
+        return Ok(None);
+    };
+    let mut kube_config = kube::Config::infer().await.context(
+        "cannot find a Kubernetes configuration (KUBECONFIG, ~/.kube/config or in-cluster)",
+    )?;
+    // A watch that stops delivering (a one-way partition) must fail in bounded time; the
+    // watches ask the server to end them well before this.
+    kube_config.read_timeout = Some(WATCH_TIMEOUT + Duration::from_secs(15));
+    kube_config.connect_timeout = Some(k.api_timeout);
+    let namespace = k
+        .namespace
+        .clone()
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .unwrap_or_else(|| kube_config.default_namespace.clone());
+    let pod = k
+        .pod_name
+        .clone()
+        .or_else(|| std::env::var("POD_NAME").ok())
+        .unwrap_or_else(|| s.config.instance_name.clone());
+    let address = k.pod_ip.clone().or_else(|| std::env::var("POD_IP").ok());
+    let client = Client::try_from(kube_config).context("cannot build the Kubernetes client")?;
+    let identity = Identity {
+        cluster,
+        namespace,
+        pod,
+        address,
+    };
+    tracing::info!(cluster = %identity.cluster, namespace = %identity.namespace, pod = %identity.pod, "following the PostgresCluster");
+    let (cluster_tx, _) = watch::channel(None);
+    let shared = Arc::new(Shared {
+        identity,
+        api_health: Mutex::default(),
+        conditions: Mutex::default(),
+        report_now: Notify::new(),
+        cluster: cluster_tx,
+    });
+    let events = events::Events::new(client.clone(), &shared.identity, k.api_timeout);
+    let (secrets_tx, secrets_rx) = watch::channel(None);
+
+    tokio::spawn(
+        reconcile::Reconciler {
+            api: clusters(&client, &shared.identity.namespace),
+            shared: shared.clone(),
+            events: events.clone(),
+            base: s.base.clone(),
+            postmaster: s.postmaster.clone(),
+            secrets: secrets_tx,
+            applied: None,
+            invalid_generation: None,
+        }
+        .run(),
+    );
+    tokio::spawn(
+        secrets::SecretsTask {
+            client: client.clone(),
+            shared: shared.clone(),
+            events: events.clone(),
+            pg: s.base.clone(),
+            observation: s.observation.clone(),
+        }
+        .run(secrets_rx),
+    );
+    tokio::spawn(
+        report::Reporter {
+            clusters: clusters(&client, &shared.identity.namespace),
+            pods: Api::namespaced(client, &shared.identity.namespace),
+            shared: shared.clone(),
+            events,
+            status: s.status,
+            observation: s.observation,
+            assessor: s.assessor,
+            interval: k.status_interval,
+            timeout: k.api_timeout,
+        }
+        .run(),
+    );
+    Ok(Some(shared))
+}
+
+/// Watches are asked to end after this long and are then resumed from their resourceVersion.
+pub const WATCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn clusters(client: &Client, namespace: &str) -> Api<DynamicObject> {
+    let ar = ApiResource::erase::<PostgresCluster>(&());
+    Api::namespaced_with(client.clone(), namespace, &ar)
+}

@@ -1,0 +1,248 @@
+//! The reconcile loop: watch this instance's PostgresCluster (a field selector on its name:
+//! no polling) and apply its spec to the instance.
+//!
+//! The watch comes from kube-runtime's watcher, which resumes from the last resourceVersion,
+//! relists on `410 Gone`, uses bookmarks and backs off on errors. Each new generation is
+//! parsed and validated; a bad spec is reported (condition and Event) and changes nothing. A
+//! valid one becomes the instance's settings through the postmaster actor, which asks Postgres
+//! to check them first; a change that needs a restart is applied by a restart when the update
+//! strategy allows it, else reported.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::DynamicObject;
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::Api;
+use tokio::sync::watch;
+
+use super::crd::{self, PostgresClusterSpec, SecretsSpec, UpdateStrategy};
+use super::events::Events;
+use super::Shared;
+use crate::config::PostgresConfig;
+use crate::postgres::connect::{connect_timeout, Target};
+use crate::supervisor::postmaster;
+
+pub struct Reconciler {
+    pub api: Api<DynamicObject>,
+    pub shared: Arc<Shared>,
+    pub events: Events,
+    /// Settings from pgwarden's own configuration; the spec is layered on top.
+    pub base: PostgresConfig,
+    pub postmaster: postmaster::Handle,
+    pub secrets: watch::Sender<Option<SecretsSpec>>,
+    /// The settings and generation last applied.
+    pub applied: Option<(i64, PostgresConfig)>,
+    /// A generation already reported as invalid (reported once).
+    pub invalid_generation: Option<i64>,
+}
+
+impl Reconciler {
+    pub async fn run(mut self) {
+        let config = watcher::Config::default()
+            .fields(&format!("metadata.name={}", self.shared.identity.cluster))
+            .timeout(super::WATCH_TIMEOUT.as_secs() as u32);
+        let stream = watcher(self.api.clone(), config).default_backoff();
+        futures::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            self.shared.api_result(&event);
+            match event {
+                Ok(watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) => {
+                    let obj = Arc::new(obj);
+                    self.shared.cluster.send_replace(Some(obj.clone()));
+                    self.reconcile(&obj).await;
+                }
+                Ok(watcher::Event::Delete(_)) => {
+                    tracing::warn!(
+                        "the PostgresCluster was deleted; keeping the running configuration"
+                    );
+                    self.shared.cluster.send_replace(None);
+                }
+                Ok(watcher::Event::Init | watcher::Event::InitDone) => {}
+                Err(e) => tracing::debug!(error = %e, "watch interrupted; resuming"),
+            }
+        }
+    }
+
+    async fn reconcile(&mut self, obj: &DynamicObject) {
+        let generation = obj.metadata.generation.unwrap_or(0);
+        if self.applied.as_ref().is_some_and(|(g, _)| *g == generation)
+            || self.invalid_generation == Some(generation)
+        {
+            return; // a status update or a resync: nothing new in the spec
+        }
+        let spec = match parse(obj) {
+            Ok(spec) => spec,
+            Err(problems) => {
+                self.invalid_generation = Some(generation);
+                let message = problems.join("; ");
+                tracing::error!(generation, %message, "invalid PostgresCluster spec; keeping the running configuration");
+                self.shared.set_condition(
+                    "SpecValid",
+                    false,
+                    "InvalidSpec",
+                    &message,
+                    Some(generation),
+                );
+                self.events.warning("InvalidSpec", message).await;
+                return;
+            }
+        };
+        self.shared.set_condition(
+            "SpecValid",
+            true,
+            "Valid",
+            "the spec is valid",
+            Some(generation),
+        );
+        self.secrets.send_if_modified(|s| {
+            let changed = s.as_ref() != Some(&spec.secrets);
+            *s = Some(spec.secrets.clone());
+            changed
+        });
+        let desired = self.desired(&spec);
+        if self.applied.as_ref().map(|(_, s)| s) == Some(&desired) {
+            self.applied = Some((generation, desired));
+            return;
+        }
+        self.apply(generation, desired, spec.update_strategy).await;
+    }
+
+    /// pgwarden's own settings with the spec's parameters and rules on top.
+    fn desired(&self, spec: &PostgresClusterSpec) -> PostgresConfig {
+        let mut s = self.base.clone();
+        for (name, value) in &spec.postgresql.parameters {
+            s.parameters.insert(name.clone(), value.0.clone());
+        }
+        s.pg_hba.extend(spec.postgresql.pg_hba.iter().cloned());
+        s
+    }
+
+    async fn apply(&mut self, generation: i64, desired: PostgresConfig, strategy: UpdateStrategy) {
+        if let Err(message) = self.postmaster.reload(Some(desired.clone())).await {
+            tracing::error!(generation, %message, "Postgres rejected the configuration; keeping the running one");
+            self.shared.set_condition(
+                "ConfigApplied",
+                false,
+                "ConfigRejected",
+                &message,
+                Some(generation),
+            );
+            self.events
+                .warning(
+                    "ConfigRejected",
+                    format!("generation {generation}: {message}"),
+                )
+                .await;
+            // Not recorded as applied: a later generation that fixes it is tried again.
+            return;
+        }
+        self.applied = Some((generation, desired));
+        tracing::info!(generation, "configuration applied");
+        self.shared.set_condition(
+            "ConfigApplied",
+            true,
+            "Applied",
+            &format!("generation {generation} applied"),
+            Some(generation),
+        );
+        self.events
+            .normal("ConfigApplied", format!("generation {generation} applied"))
+            .await;
+
+        let pending = self.pending_restart().await;
+        if pending.is_empty() {
+            self.shared
+                .set_condition("PendingRestart", false, "NoneNeeded", "", Some(generation));
+            return;
+        }
+        let names = pending.join(", ");
+        match strategy {
+            UpdateStrategy::Restart => {
+                tracing::info!(parameters = %names, "restarting to apply parameters that need it");
+                match self.postmaster.restart().await {
+                    Ok(()) => {
+                        self.shared.set_condition(
+                            "PendingRestart",
+                            false,
+                            "Restarted",
+                            &format!("restarted to apply {names}"),
+                            Some(generation),
+                        );
+                        self.events
+                            .normal("Restarted", format!("restarted to apply {names}"))
+                            .await;
+                    }
+                    Err(e) => {
+                        self.shared.set_condition(
+                            "PendingRestart",
+                            true,
+                            "RestartFailed",
+                            &e,
+                            Some(generation),
+                        );
+                        self.events
+                            .warning(
+                                "RestartFailed",
+                                format!("restart to apply {names} failed: {e}"),
+                            )
+                            .await;
+                    }
+                }
+            }
+            UpdateStrategy::Manual => {
+                self.shared.set_condition(
+                    "PendingRestart",
+                    true,
+                    "RestartRequired",
+                    &format!("{names} need a restart (updateStrategy: manual)"),
+                    Some(generation),
+                );
+                self.events
+                    .normal("RestartRequired", format!("{names} need a restart"))
+                    .await;
+            }
+        }
+    }
+
+    /// Parameters waiting for a restart, read on a fresh connection once the reload landed.
+    async fn pending_restart(&self) -> Vec<String> {
+        // The postmaster handles SIGHUP asynchronously; a backend started after it sees the
+        // new file.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let target = Target {
+            socket_dir: &self.base.run_dir,
+            port: self.base.port,
+            user: &self.base.superuser,
+            dbname: "postgres",
+            application_name: "pgwarden",
+        };
+        let Ok(conn) = connect_timeout(&target).await else {
+            return Vec::new();
+        };
+        let rows = tokio::time::timeout(
+            Duration::from_secs(5),
+            conn.query(
+                "SELECT name::text FROM pg_settings WHERE pending_restart ORDER BY 1",
+                &[],
+            ),
+        )
+        .await;
+        match rows {
+            Ok(Ok(rows)) => rows.iter().filter_map(|r| r.try_get(0).ok()).collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Parses and validates the stored spec; every problem names its field.
+fn parse(obj: &DynamicObject) -> Result<PostgresClusterSpec, Vec<String>> {
+    let spec = obj
+        .data
+        .get("spec")
+        .ok_or_else(|| vec!["spec: missing".to_string()])?;
+    let spec = crd::parse_spec(spec).map_err(|e| vec![e])?;
+    crd::validate(&spec)?;
+    Ok(spec)
+}
