@@ -1,29 +1,36 @@
-//! Kubernetes Events about the PostgresCluster, published best-effort: an unreachable API
-//! server delays or drops an Event, never the action it describes.
+//! Kubernetes Events (`events.k8s.io/v1`) about the PostgresCluster, published best-effort:
+//! an unreachable API server delays or drops an Event, never the action it describes.
+//!
+//! Each call creates its own Event. kube-runtime's recorder folds Events of the same reason
+//! into one series and keeps the first note, which would hide every later rejection message;
+//! pgwarden already publishes an Event only on a transition, so no folding is needed.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::Client;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::chrono::Utc;
+use kube::api::PostParams;
+use kube::{Api, Client};
 
 use super::Identity;
 
 #[derive(Clone)]
 pub struct Events {
-    recorder: Recorder,
+    api: Api<Event>,
     reference: ObjectReference,
+    pod: String,
     timeout: Duration,
+    sequence: Arc<AtomicU64>,
 }
 
 impl Events {
     pub fn new(client: Client, id: &Identity, timeout: Duration) -> Events {
-        let reporter = Reporter {
-            controller: "pgwarden".into(),
-            instance: Some(id.pod.clone()),
-        };
         Events {
-            recorder: Recorder::new(client, reporter),
+            api: Api::namespaced(client, &id.namespace),
             reference: ObjectReference {
                 api_version: Some("pgwarden.dev/v1".into()),
                 kind: Some("PostgresCluster".into()),
@@ -31,32 +38,57 @@ impl Events {
                 namespace: Some(id.namespace.clone()),
                 ..ObjectReference::default()
             },
+            pod: id.pod.clone(),
             timeout,
+            sequence: Arc::default(),
         }
     }
 
     pub async fn normal(&self, reason: &str, note: String) {
-        self.publish(EventType::Normal, reason, note).await;
+        self.publish("Normal", reason, note).await;
     }
 
     pub async fn warning(&self, reason: &str, note: String) {
-        self.publish(EventType::Warning, reason, note).await;
+        self.publish("Warning", reason, note).await;
     }
 
-    async fn publish(&self, type_: EventType, reason: &str, note: String) {
-        // The API limits an Event's note to 1 kB.
-        let note: String = note.chars().take(1000).collect();
+    async fn publish(&self, type_: &str, reason: &str, note: String) {
+        // Unique per pod and call, like the names the real event recorders generate.
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let seq = self.sequence.fetch_add(1, Ordering::Relaxed);
+        let name = format!(
+            "{}.{}.{:x}{:02x}",
+            self.reference.name.as_deref().unwrap_or("pgwarden"),
+            self.pod,
+            nanos,
+            seq % 256
+        );
         let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: reason.into(),
-            secondary: None,
+            metadata: ObjectMeta {
+                name: Some(name),
+                namespace: self.reference.namespace.clone(),
+                ..ObjectMeta::default()
+            },
+            event_time: Some(MicroTime(Utc::now())),
+            type_: Some(type_.into()),
+            reason: Some(reason.into()),
+            action: Some(reason.into()),
+            // The API limits a note to 1 kB.
+            note: Some(note.chars().take(1000).collect()),
+            regarding: Some(self.reference.clone()),
+            reporting_controller: Some("pgwarden.dev/pgwarden".into()),
+            reporting_instance: Some(self.pod.clone()),
+            ..Event::default()
         };
-        match tokio::time::timeout(self.timeout, self.recorder.publish(&event, &self.reference))
-            .await
+        match tokio::time::timeout(
+            self.timeout,
+            self.api.create(&PostParams::default(), &event),
+        )
+        .await
         {
-            Ok(Ok(())) => {}
+            Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, reason, "cannot publish an Event"),
             Err(_) => tracing::warn!(reason, "publishing an Event timed out"),
         }

@@ -2,6 +2,8 @@
 //! unprivileged user (initdb refuses root), in a throw-away directory.
 #![allow(dead_code)]
 
+pub mod apiserver;
+
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -39,12 +41,15 @@ pub fn binary() -> PathBuf {
         if pg_user().is_none() {
             return built;
         }
-        let dir = std::env::temp_dir().join(format!("pgwarden-test-bin-{}", std::process::id()));
+        // One shared place, replaced atomically, so test runs leave no copies behind.
+        let dir = std::env::temp_dir().join("pgwarden-test-bin");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         let copy = dir.join("pgwarden");
-        std::fs::copy(&built, &copy).unwrap();
-        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let staging = dir.join(format!("pgwarden.{}", std::process::id()));
+        std::fs::copy(&built, &staging).unwrap();
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&staging, &copy).unwrap();
         copy
     })
     .clone()
@@ -345,4 +350,25 @@ pub fn descendants(pid: i32) -> Vec<i32> {
         }
     }
     out
+}
+
+/// Connects over TCP as `user` with `password`.
+pub async fn connect_as(
+    port: u16,
+    user: &str,
+    password: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(port)
+        .user(user)
+        .password(password)
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(3))
+        .connect(tokio_postgres::NoTls)
+        .await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
 }
