@@ -49,7 +49,15 @@ pub async fn run(opts: Options) -> anyhow::Result<i32> {
 
     // Probes answer from the first moment, bootstrap included.
     let (status_tx, status_rx) = postmaster::status_channel();
-    let monitor = monitor::spawn(&config, user_queries, status_rx.clone(), metrics.clone());
+    let (cluster_queries_tx, cluster_queries_rx) = watch::channel(Vec::new());
+    let (max_lag_tx, max_lag_rx) = watch::channel(config.probes.max_standby_lag_bytes);
+    let monitor = monitor::spawn(
+        &config,
+        user_queries,
+        cluster_queries_rx,
+        status_rx.clone(),
+        metrics.clone(),
+    );
     let (version_tx, version_rx) = watch::channel(String::from("unknown"));
     let (stop_http, stop_http_rx) = watch::channel(false);
     let assessor = health::Assessor {
@@ -65,7 +73,7 @@ pub async fn run(opts: Options) -> anyhow::Result<i32> {
             monitor,
             metrics,
             reaper: reaper.clone(),
-            max_standby_lag_bytes: config.probes.max_standby_lag_bytes,
+            max_standby_lag_bytes: max_lag_rx,
             assessor,
             kubernetes: std::sync::OnceLock::new(),
             scrape_wait: config.http.request_timeout / 2,
@@ -119,6 +127,8 @@ pub async fn run(opts: Options) -> anyhow::Result<i32> {
         status: status_rx.clone(),
         observation: observations,
         assessor,
+        cluster_queries: cluster_queries_tx,
+        max_standby_lag: max_lag_tx,
     })
     .await?;
     if let Some(k) = kubernetes {

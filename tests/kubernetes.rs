@@ -493,3 +493,46 @@ async fn bad_spec_input_is_rejected_and_nothing_running_is_disturbed() {
         set_spec(&server, move |s| *s = before);
     }
 }
+
+#[tokio::test]
+async fn custom_queries_come_from_the_clusters_configmap_and_a_broken_file_is_reported() {
+    let server = ApiServer::start();
+    seed(&server, json!({}), &["pg-0"], support::PASSWORD);
+    server.create(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "pg-monitoring", "namespace": NS},
+        "data": {"queries.yaml": "from_cm:\n  query: \"SELECT 7 AS answer\"\n  metrics:\n    - answer: {usage: GAUGE, description: \"from a ConfigMap\"}\n"}
+    }));
+    set_spec(
+        &server,
+        |s| {
+            s["monitoring"] =
+                json!({"customQueries": {"name": "pg-monitoring", "key": "queries.yaml"}})
+        },
+    );
+    let mut sb = Sandbox::new();
+    let _w = start(&mut sb, &server, "pg-0", "metrics_ttl = \"200ms\"\n");
+    let mp = sb.metrics_port;
+    eventually("the ConfigMap's metric", LONG, async || {
+        let (_, text) = support::http_get(mp, "/metrics").ok()?;
+        text.contains("pgwarden_from_cm_answer 7").then_some(())
+    })
+    .await;
+
+    server.update_with("v1", "configmaps", NS, "pg-monitoring", |cm| {
+        cm["data"]["queries.yaml"] = json!("from_cm: [not, a, query");
+    });
+    let c = eventually("CustomQueriesLoaded=False", LONG, async || {
+        let c = condition(&server, "pg-0", "CustomQueriesLoaded");
+        (c["status"] == "False").then_some(c)
+    })
+    .await;
+    assert!(
+        c["message"].as_str().unwrap().contains("pg-monitoring"),
+        "{c}"
+    );
+    // The queries in use stay.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, text) = support::http_get(mp, "/metrics").unwrap();
+    assert!(text.contains("pgwarden_from_cm_answer 7"));
+}

@@ -36,7 +36,8 @@ pub struct Shared {
     pub monitor: MonitorHandle,
     pub metrics: Arc<Metrics>,
     pub reaper: Reaper,
-    pub max_standby_lag_bytes: Option<u64>,
+    /// Current bound on a standby's replay lag for `/readyz` (configuration, then the spec).
+    pub max_standby_lag_bytes: watch::Receiver<Option<u64>>,
     pub assessor: health::Assessor,
     /// The Kubernetes side, once started (when configured).
     pub kubernetes: std::sync::OnceLock<Arc<crate::k8s::Shared>>,

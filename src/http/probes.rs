@@ -66,7 +66,7 @@ pub struct ReadyQuery {
 
 pub async fn readyz(State(state): State<AppState>, Query(q): Query<ReadyQuery>) -> Response {
     let view = state.inner.view();
-    let (ok, reason) = ready(&view, q.lag.or(state.inner.max_standby_lag_bytes));
+    let (ok, reason) = ready(&view, q.lag.or(*state.inner.max_standby_lag_bytes.borrow()));
     answer(&state, "readyz", ok, &view, reason)
 }
 

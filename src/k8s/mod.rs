@@ -9,6 +9,7 @@
 pub mod conditions;
 pub mod crd;
 mod events;
+mod queries;
 mod reconcile;
 mod report;
 mod secrets;
@@ -121,6 +122,10 @@ pub struct Start {
     pub status: watch::Receiver<Status>,
     pub observation: watch::Receiver<Observation>,
     pub assessor: crate::health::Assessor,
+    /// Custom metric queries from the cluster's ConfigMap, for the monitor.
+    pub cluster_queries: watch::Sender<Vec<crate::monitor::queries::QuerySpec>>,
+    /// `spec.probes.maxStandbyLagBytes` (over pgwarden's own setting), for the probes.
+    pub max_standby_lag: watch::Sender<Option<u64>>,
 }
 
 /// Connects to the API server (kubeconfig or in-cluster) and starts the tasks. Returns `None`
@@ -166,6 +171,7 @@ pub async fn start(s: Start) -> anyhow::Result<Option<Arc<Shared>>> {
     });
     let events = events::Events::new(client.clone(), &shared.identity, k.api_timeout);
     let (secrets_tx, secrets_rx) = watch::channel(None);
+    let (queries_tx, queries_rx) = watch::channel(None);
 
     tokio::spawn(
         reconcile::Reconciler {
@@ -175,6 +181,9 @@ pub async fn start(s: Start) -> anyhow::Result<Option<Arc<Shared>>> {
             base: s.base.clone(),
             postmaster: s.postmaster.clone(),
             secrets: secrets_tx,
+            queries: queries_tx,
+            max_standby_lag: s.max_standby_lag,
+            default_max_standby_lag: s.config.probes.max_standby_lag_bytes,
             applied: None,
             invalid_generation: None,
         }
@@ -189,6 +198,15 @@ pub async fn start(s: Start) -> anyhow::Result<Option<Arc<Shared>>> {
             observation: s.observation.clone(),
         }
         .run(secrets_rx),
+    );
+    tokio::spawn(
+        queries::QueriesTask {
+            client: client.clone(),
+            shared: shared.clone(),
+            events: events.clone(),
+            out: s.cluster_queries,
+        }
+        .run(queries_rx),
     );
     tokio::spawn(
         report::Reporter {

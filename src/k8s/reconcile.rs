@@ -17,7 +17,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::Api;
 use tokio::sync::watch;
 
-use super::crd::{self, PostgresClusterSpec, SecretsSpec, UpdateStrategy};
+use super::crd::{self, KeyRef, PostgresClusterSpec, SecretsSpec, UpdateStrategy};
 use super::events::Events;
 use super::Shared;
 use crate::config::PostgresConfig;
@@ -32,6 +32,9 @@ pub struct Reconciler {
     pub base: PostgresConfig,
     pub postmaster: postmaster::Handle,
     pub secrets: watch::Sender<Option<SecretsSpec>>,
+    pub queries: watch::Sender<Option<KeyRef>>,
+    pub max_standby_lag: watch::Sender<Option<u64>>,
+    pub default_max_standby_lag: Option<u64>,
     /// The settings and generation last applied.
     pub applied: Option<(i64, PostgresConfig)>,
     /// A generation already reported as invalid (reported once).
@@ -96,11 +99,14 @@ impl Reconciler {
             "the spec is valid",
             Some(generation),
         );
-        self.secrets.send_if_modified(|s| {
-            let changed = s.as_ref() != Some(&spec.secrets);
-            *s = Some(spec.secrets.clone());
-            changed
-        });
+        send_if_changed(&self.secrets, Some(spec.secrets.clone()));
+        send_if_changed(&self.queries, spec.monitoring.custom_queries.clone());
+        send_if_changed(
+            &self.max_standby_lag,
+            spec.probes
+                .max_standby_lag_bytes
+                .or(self.default_max_standby_lag),
+        );
         let desired = self.desired(&spec);
         if self.applied.as_ref().map(|(_, s)| s) == Some(&desired) {
             self.applied = Some((generation, desired));
@@ -234,6 +240,17 @@ impl Reconciler {
             _ => Vec::new(),
         }
     }
+}
+
+/// Publishes `value` only when it differs, so followers restart their watches only on change.
+fn send_if_changed<T: PartialEq>(tx: &watch::Sender<T>, value: T) {
+    tx.send_if_modified(|current| {
+        if *current == value {
+            return false;
+        }
+        *current = value;
+        true
+    });
 }
 
 /// Parses and validates the stored spec; every problem names its field.

@@ -87,6 +87,7 @@ impl MonitorHandle {
 pub fn spawn(
     config: &Config,
     user_queries: Vec<QuerySpec>,
+    cluster_queries: watch::Receiver<Vec<QuerySpec>>,
     postmaster: watch::Receiver<Status>,
     metrics: Arc<Metrics>,
 ) -> MonitorHandle {
@@ -107,6 +108,7 @@ pub fn spawn(
         port: config.postgres.port,
         superuser: config.postgres.superuser.clone(),
         specs,
+        cluster_queries,
         postmaster,
         metrics,
         observation: obs_tx,
@@ -129,7 +131,10 @@ struct Monitor {
     data_dir: PathBuf,
     port: u16,
     superuser: String,
+    /// Built-in and configuration-file queries.
     specs: Vec<QuerySpec>,
+    /// Queries from the PostgresCluster's ConfigMap (Kubernetes), replaced as it changes.
+    cluster_queries: watch::Receiver<Vec<QuerySpec>>,
     postmaster: watch::Receiver<Status>,
     metrics: Arc<Metrics>,
     observation: watch::Sender<Observation>,
@@ -312,7 +317,9 @@ impl Monitor {
             .as_ref()
             .is_some_and(|p| p.role == Role::Primary);
         let mut samples = Vec::new();
-        let specs = std::mem::take(&mut self.specs);
+        let mut specs = std::mem::take(&mut self.specs);
+        let own = specs.len();
+        specs.extend(self.cluster_queries.borrow().iter().cloned());
         let mut hung = false;
         'queries: for spec in &specs {
             if spec.primary_only && !is_primary {
@@ -360,6 +367,7 @@ impl Monitor {
                 );
             }
         }
+        specs.truncate(own);
         self.specs = specs;
         (!hung).then_some(samples)
     }
