@@ -1,23 +1,13 @@
 //! pgwarden: a per-pod PostgreSQL instance manager that runs as PID 1.
 
-mod config;
-mod health;
-mod http;
-mod k8s;
-mod logging;
-mod metrics;
-mod monitor;
-mod postgres;
-mod run;
-mod supervisor;
-
 use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::Config;
-use crate::logging::LogFormat;
+use pgwarden::config::Config;
+use pgwarden::logging::{self, LogFormat};
+use pgwarden::{http, k8s, run};
 
 #[derive(Parser)]
 #[command(

@@ -1,0 +1,370 @@
+//! The HA step as a pure function: what this instance should do, given what it observes.
+//!
+//! Everything the decision needs is in [`Observed`]; [`decide`] returns one [`Action`] and the
+//! elector loop carries it out. No clock is read here: durations since the relevant events
+//! (the last successful lease renewal, the last observed lease change) are inputs, measured on
+//! the local monotonic clock by the caller. Wall clocks are never compared.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::quorum::{self, Refusal};
+use crate::postgres::lsn::Lsn;
+
+/// Leadership timing, validated so that `renew_deadline + retry < lease_duration`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timings {
+    pub lease_duration: Duration,
+    pub renew_deadline: Duration,
+    pub retry: Duration,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Timings {
+            lease_duration: Duration::from_secs(10),
+            renew_deadline: Duration::from_secs(6),
+            retry: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What Postgres is doing here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Local {
+    /// Accepting writes.
+    Primary,
+    /// In recovery (streaming or catching up).
+    Replica,
+    /// Not running because pgwarden stopped it (fenced, being rewound, before the first start).
+    Stopped,
+    /// Died unexpectedly; `crashes` within the supervision window so far.
+    Crashed { crashes: u32 },
+}
+
+/// The Lease as this instance sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lease {
+    /// Never read successfully (API unreachable since start).
+    Unknown,
+    /// No Lease object exists.
+    Absent,
+    Held {
+        holder: String,
+        /// Time since this instance last saw the Lease change (local monotonic clock).
+        unchanged_for: Duration,
+    },
+}
+
+/// A peer's (or this instance's own) last report, from its `/pg/status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub name: String,
+    pub healthy: bool,
+    pub fenced: bool,
+    pub replica: bool,
+    /// The newest WAL position it has (received or replayed).
+    pub lsn: Option<Lsn>,
+}
+
+/// Synchronous replication as published in the Lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sync {
+    Off,
+    Quorum { number: usize, set: Vec<String> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    pub me: String,
+    pub local: Local,
+    /// This instance is listed in the fencing annotation (or `*` is).
+    pub fenced: bool,
+    pub lease: Lease,
+    pub api_reachable: bool,
+    /// Leader only: time since the last renewal that succeeded was *sent*.
+    pub since_renew: Option<Duration>,
+    pub timings: Timings,
+    /// Who the local standby currently follows, if anyone.
+    pub following: Option<String>,
+    /// Peers that answered, this instance included.
+    pub peers: Vec<Peer>,
+    pub sync: Sync,
+    /// Asynchronous mode: a candidate further behind the most advanced peer is not eligible.
+    pub max_lag_bytes: Option<u64>,
+    /// Local restarts allowed before the leader gives the Lease up.
+    pub max_local_restarts: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing to do now.
+    Wait(String),
+    /// Renew the Lease this instance holds.
+    Renew,
+    /// Stop taking writes at once (stop Postgres); the reason is reported.
+    Fence(String),
+    /// Start (or keep) Postgres stopped because of manual fencing, and give the Lease up.
+    FenceAndRelease,
+    /// Try to take the expired Lease (preconditioned on its resourceVersion), then promote.
+    Acquire,
+    /// Holding the Lease as a replica: promote.
+    Promote,
+    /// A primary that lost the Lease: stop, rewind against `primary`, rejoin as its standby.
+    Demote { primary: String },
+    /// A standby (or a stopped instance) that should stream from `primary`.
+    Follow { primary: String },
+    /// Postgres crashed on the leader: restart it here, keeping the Lease.
+    RestartLocally,
+    /// Postgres keeps crashing on the leader: give the Lease up so a standby takes over.
+    Release,
+    /// No Lease and no data anywhere: this instance bootstraps the cluster.
+    Bootstrap,
+}
+
+pub fn decide(o: &Observed) -> Action {
+    let holder = match &o.lease {
+        Lease::Held { holder, .. } => Some(holder.as_str()),
+        _ => None,
+    };
+    let leader = holder == Some(o.me.as_str());
+
+    // Safety first: a leader that could not renew in time must already have stopped writing.
+    if leader && o.local == Local::Primary {
+        if let Some(since) = o.since_renew {
+            if since > o.timings.renew_deadline {
+                return Action::Fence(format!(
+                    "lease not renewed for {since:?} (renew deadline {:?})",
+                    o.timings.renew_deadline
+                ));
+            }
+        }
+    }
+    if o.fenced {
+        return match (leader, o.local) {
+            (_, Local::Primary | Local::Replica) => Action::FenceAndRelease,
+            (true, _) => Action::FenceAndRelease,
+            _ => Action::Wait("fenced".into()),
+        };
+    }
+    if leader {
+        return match o.local {
+            Local::Primary => Action::Renew,
+            Local::Replica => Action::Promote,
+            Local::Crashed { crashes } if crashes <= o.max_local_restarts => Action::RestartLocally,
+            Local::Crashed { .. } => Action::Release,
+            // Holding the Lease with Postgres stopped (e.g. after a self-fence): the Lease
+            // will expire; give it up so the others need not wait.
+            Local::Stopped => Action::Release,
+        };
+    }
+
+    match &o.lease {
+        Lease::Held {
+            holder,
+            unchanged_for,
+        } if *unchanged_for <= o.timings.lease_duration => {
+            return match o.local {
+                Local::Primary => Action::Demote {
+                    primary: holder.clone(),
+                },
+                _ if o.following.as_deref() == Some(holder.as_str()) => {
+                    Action::Wait(format!("following {holder}"))
+                }
+                _ => Action::Follow {
+                    primary: holder.clone(),
+                },
+            };
+        }
+        Lease::Unknown => return Action::Wait("the Lease has not been read yet".into()),
+        _ => {}
+    }
+    if !o.api_reachable {
+        return Action::Wait("the API server is unreachable".into());
+    }
+    // The Lease is absent or expired.
+    if o.lease == Lease::Absent
+        && o.peers.iter().all(|p| p.lsn.is_none())
+        && o.local == Local::Stopped
+    {
+        return Action::Bootstrap;
+    }
+    match candidacy(o) {
+        Ok(()) => Action::Acquire,
+        Err(reason) => Action::Wait(reason),
+    }
+}
+
+/// Whether this instance is the one that should take an expired Lease.
+fn candidacy(o: &Observed) -> Result<(), String> {
+    let me = o
+        .peers
+        .iter()
+        .find(|p| p.name == o.me)
+        .ok_or("no state of my own")?;
+    if !me.healthy {
+        return Err("not healthy".into());
+    }
+    let my_lsn = me.lsn.ok_or("my WAL position is unknown")?;
+    let eligible: Vec<&Peer> = o
+        .peers
+        .iter()
+        .filter(|p| p.healthy && !p.fenced && p.replica && p.lsn.is_some())
+        .collect();
+    match &o.sync {
+        Sync::Quorum { number, set } => {
+            let heard: BTreeMap<String, Lsn> = eligible
+                .iter()
+                .filter_map(|p| Some((p.name.clone(), p.lsn?)))
+                .collect();
+            quorum::may_promote(&o.me, set, *number, &heard).map_err(|r| match r {
+                Refusal::NotInSet => "not in the synchronous set".to_string(),
+                Refusal::TooFewHeard { heard, needed } => format!(
+                    "heard from {heard} of the synchronous set, need {needed} to be sure no acknowledged commit is missing"
+                ),
+                Refusal::NotMostAdvanced { ahead } => format!("{ahead} is further ahead"),
+                Refusal::BadQuorum { number, set } => {
+                    format!("published quorum ANY {number} of {set} is inconsistent")
+                }
+            })
+        }
+        Sync::Off => {
+            let best = eligible
+                .iter()
+                .max_by(|a, b| a.lsn.cmp(&b.lsn).then_with(|| b.name.cmp(&a.name)))
+                .ok_or("no eligible standby")?;
+            if let (Some(max), Some(best_lsn)) = (o.max_lag_bytes, best.lsn) {
+                let lag = best_lsn.bytes_after(my_lsn);
+                if lag > max {
+                    return Err(format!(
+                        "{lag} bytes behind the most advanced standby (max {max})"
+                    ));
+                }
+            }
+            if best.name != o.me {
+                return Err(format!("{} is further ahead", best.name));
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Duration = Duration::from_secs(1);
+
+    fn peer(name: &str, lsn: u64) -> Peer {
+        Peer {
+            name: name.into(),
+            healthy: true,
+            fenced: false,
+            replica: true,
+            lsn: Some(Lsn(lsn)),
+        }
+    }
+
+    fn base(me: &str) -> Observed {
+        Observed {
+            me: me.into(),
+            local: Local::Replica,
+            fenced: false,
+            lease: Lease::Held {
+                holder: "a".into(),
+                unchanged_for: T,
+            },
+            api_reachable: true,
+            since_renew: None,
+            timings: Timings::default(),
+            following: Some("a".into()),
+            peers: vec![peer("b", 100), peer("c", 90)],
+            sync: Sync::Off,
+            max_lag_bytes: None,
+            max_local_restarts: 3,
+        }
+    }
+
+    fn expired() -> Lease {
+        Lease::Held {
+            holder: "a".into(),
+            unchanged_for: Duration::from_secs(11),
+        }
+    }
+
+    fn leader(local: Local, since_renew: u64) -> Observed {
+        Observed {
+            local,
+            since_renew: Some(Duration::from_secs(since_renew)),
+            following: None,
+            ..base("a")
+        }
+    }
+
+    #[test]
+    fn table() {
+        type Case = (&'static str, Observed, Action);
+        let fence = |s: &str| Action::Fence(s.into());
+        let cases: Vec<Case> = vec![
+            ("leader renews", leader(Local::Primary, 1), Action::Renew),
+            ("leader past the renew deadline fences itself", leader(Local::Primary, 7),
+                fence("lease not renewed for 7s (renew deadline 6s)")),
+            ("leader past the deadline fences even with the API down",
+                Observed { api_reachable: false, ..leader(Local::Primary, 7) },
+                fence("lease not renewed for 7s (renew deadline 6s)")),
+            ("leader right at the deadline still renews", leader(Local::Primary, 6), Action::Renew),
+            ("new leader promotes", leader(Local::Replica, 0), Action::Promote),
+            ("leader restarts a crashed postgres locally", leader(Local::Crashed { crashes: 2 }, 1), Action::RestartLocally),
+            ("leader gives up after too many crashes", leader(Local::Crashed { crashes: 4 }, 1), Action::Release),
+            ("leader with postgres stopped releases", leader(Local::Stopped, 1), Action::Release),
+            ("fenced primary stops and releases", Observed { fenced: true, ..leader(Local::Primary, 1) }, Action::FenceAndRelease),
+            ("fenced standby stops", Observed { fenced: true, ..base("b") }, Action::FenceAndRelease),
+            ("fenced and stopped waits", Observed { fenced: true, local: Local::Stopped, ..base("b") }, Action::Wait("fenced".into())),
+            ("fenced never promotes on expiry", Observed { fenced: true, local: Local::Stopped, lease: expired(), ..base("b") }, Action::Wait("fenced".into())),
+            ("standby following the holder waits", base("b"), Action::Wait("following a".into())),
+            ("standby following someone else repoints", Observed { following: Some("c".into()), ..base("b") }, Action::Follow { primary: "a".into() }),
+            ("stopped instance joins the holder", Observed { local: Local::Stopped, following: None, ..base("b") }, Action::Follow { primary: "a".into() }),
+            ("primary that lost the lease demotes", Observed { local: Local::Primary, following: None, ..base("b") }, Action::Demote { primary: "a".into() }),
+            ("lease not read yet: wait", Observed { lease: Lease::Unknown, ..base("b") }, Action::Wait("the Lease has not been read yet".into())),
+            ("expired, API down: wait", Observed { lease: expired(), api_reachable: false, ..base("b") }, Action::Wait("the API server is unreachable".into())),
+            ("expired: most advanced takes it", Observed { lease: expired(), ..base("b") }, Action::Acquire),
+            ("expired: the other waits", Observed { lease: expired(), ..base("c") }, Action::Wait("b is further ahead".into())),
+            ("expired: equal positions, name decides",
+                Observed { lease: expired(), peers: vec![peer("b", 100), peer("c", 100)], ..base("c") },
+                Action::Wait("b is further ahead".into())),
+            ("expired: unhealthy does not compete",
+                Observed { lease: expired(), peers: vec![Peer { healthy: false, ..peer("b", 100) }, peer("c", 90)], ..base("b") },
+                Action::Wait("not healthy".into())),
+            ("expired: an unhealthy leader-to-be is skipped",
+                Observed { lease: expired(), peers: vec![Peer { healthy: false, ..peer("b", 100) }, peer("c", 90)], ..base("c") },
+                Action::Acquire),
+            ("expired: a fenced peer is skipped",
+                Observed { lease: expired(), peers: vec![Peer { fenced: true, ..peer("b", 100) }, peer("c", 90)], ..base("c") },
+                Action::Acquire),
+            ("expired: lagging beyond the maximum is not eligible",
+                Observed { lease: expired(), peers: vec![Peer { healthy: false, ..peer("b", 1000) }, peer("c", 10)], max_lag_bytes: Some(100), ..base("c") },
+                Action::Acquire),
+            ("expired: lagging behind a reachable better peer",
+                Observed { lease: expired(), max_lag_bytes: Some(5), ..base("c") },
+                Action::Wait("10 bytes behind the most advanced standby (max 5)".into())),
+            ("expired quorum: in S, heard enough, most advanced",
+                Observed { lease: expired(), sync: Sync::Quorum { number: 1, set: vec!["b".into(), "c".into()] }, ..base("b") },
+                Action::Acquire),
+            ("expired quorum: not in S",
+                Observed { lease: expired(), sync: Sync::Quorum { number: 1, set: vec!["c".into()] }, ..base("b") },
+                Action::Wait("not in the synchronous set".into())),
+            ("expired quorum: too few heard",
+                Observed { lease: expired(), peers: vec![peer("b", 100)], sync: Sync::Quorum { number: 1, set: vec!["b".into(), "c".into()] }, ..base("b") },
+                Action::Wait("heard from 1 of the synchronous set, need 2 to be sure no acknowledged commit is missing".into())),
+            ("absent lease and no data anywhere: bootstrap",
+                Observed { lease: Lease::Absent, local: Local::Stopped, peers: vec![Peer { lsn: None, ..peer("b", 0) }], following: None, ..base("b") },
+                Action::Bootstrap),
+            ("absent lease with data: the most advanced takes it",
+                Observed { lease: Lease::Absent, ..base("b") },
+                Action::Acquire),
+        ];
+        for (name, observed, want) in cases {
+            assert_eq!(decide(&observed), want, "{name}");
+        }
+    }
+}

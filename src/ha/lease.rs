@@ -1,0 +1,257 @@
+//! The leader Lease (`coordination.k8s.io/v1`, `<cluster>-leader`): reading it, taking it,
+//! renewing it, giving it up.
+//!
+//! Expiry is judged on this instance's monotonic clock from the moment it last *saw* the Lease
+//! change, never from the timestamps written in it. The leader records when it *sent* each
+//! renewal that succeeded; if that is older than the renew deadline it has already stopped
+//! writing (see `decide`). Taking the Lease is a replace preconditioned on the
+//! resourceVersion that was observed, so exactly one candidate can win.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::chrono::Utc;
+use kube::api::PostParams;
+use kube::Api;
+
+use super::decide::{self, Timings};
+
+/// What was last observed of the Lease.
+#[derive(Debug, Clone)]
+struct Seen {
+    resource_version: Option<String>,
+    holder: Option<String>,
+    at: Instant,
+    lease: Lease,
+}
+
+pub struct LeaseClient {
+    api: Api<Lease>,
+    name: String,
+    me: String,
+    timings: Timings,
+    timeout: Duration,
+    seen: Option<Seen>,
+    /// When the last renewal (or acquisition) that succeeded was sent.
+    renewed_at: Option<Instant>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error("the API server did not answer in time")]
+    Timeout,
+    #[error(transparent)]
+    Api(#[from] kube::Error),
+}
+
+fn is_status(e: &kube::Error, code: u16) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == code)
+}
+
+impl LeaseClient {
+    pub fn new(
+        api: Api<Lease>,
+        cluster: &str,
+        me: &str,
+        timings: Timings,
+        timeout: Duration,
+    ) -> LeaseClient {
+        LeaseClient {
+            api,
+            name: format!("{cluster}-leader"),
+            me: me.to_string(),
+            timings,
+            timeout,
+            seen: None,
+            renewed_at: None,
+        }
+    }
+
+    async fn bounded<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, kube::Error>>,
+    ) -> Result<T, LeaseError> {
+        tokio::time::timeout(self.timeout, f)
+            .await
+            .map_err(|_| LeaseError::Timeout)?
+            .map_err(LeaseError::Api)
+    }
+
+    /// Reads the Lease and returns the view the decision uses. Between failed reads the view
+    /// keeps ageing from the last observed change, so an unreachable API server makes the
+    /// Lease look expired to followers (who then cannot take it) and never younger.
+    pub async fn observe(&mut self) -> (decide::Lease, Result<(), LeaseError>) {
+        let result = self.bounded(self.api.get_opt(&self.name)).await;
+        let outcome = match result {
+            Ok(Some(lease)) => {
+                let rv = lease.metadata.resource_version.clone();
+                let changed = self.seen.as_ref().is_none_or(|s| s.resource_version != rv);
+                if changed {
+                    let holder = lease
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.holder_identity.clone())
+                        .filter(|h| !h.is_empty());
+                    self.seen = Some(Seen {
+                        resource_version: rv,
+                        holder,
+                        at: Instant::now(),
+                        lease,
+                    });
+                }
+                Ok(())
+            }
+            Ok(None) => {
+                self.seen = None;
+                return (decide::Lease::Absent, Ok(()));
+            }
+            Err(e) => Err(e),
+        };
+        (self.view(), outcome)
+    }
+
+    fn view(&self) -> decide::Lease {
+        match &self.seen {
+            None => decide::Lease::Unknown,
+            Some(Seen { holder: None, .. }) => decide::Lease::Held {
+                // Released: as good as expired.
+                holder: String::new(),
+                unchanged_for: Duration::MAX,
+            },
+            Some(Seen {
+                holder: Some(h),
+                at,
+                ..
+            }) => decide::Lease::Held {
+                holder: h.clone(),
+                unchanged_for: at.elapsed(),
+            },
+        }
+    }
+
+    /// Time since the last successful renewal was sent (leader only).
+    pub fn since_renew(&self) -> Option<Duration> {
+        self.renewed_at.map(|t| t.elapsed())
+    }
+
+    /// Whether this instance is the holder of the Lease as last observed.
+    pub fn held_by_me(&self) -> bool {
+        self.seen.as_ref().and_then(|s| s.holder.as_deref()) == Some(self.me.as_str())
+    }
+
+    fn spec(&self, acquire: bool, transitions: i32) -> LeaseSpec {
+        let now = MicroTime(Utc::now());
+        LeaseSpec {
+            holder_identity: Some(self.me.clone()),
+            lease_duration_seconds: Some(self.timings.lease_duration.as_secs() as i32),
+            acquire_time: acquire.then(|| now.clone()),
+            renew_time: Some(now),
+            lease_transitions: Some(transitions),
+            ..LeaseSpec::default()
+        }
+    }
+
+    /// Takes the Lease: creates it when absent, else replaces it at the observed
+    /// resourceVersion. `Ok(false)` when someone else got there first.
+    pub async fn acquire(&mut self) -> Result<bool, LeaseError> {
+        let sent = Instant::now();
+        let result = match &self.seen {
+            None => {
+                let lease = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(self.name.clone()),
+                        ..ObjectMeta::default()
+                    },
+                    spec: Some(self.spec(true, 0)),
+                };
+                self.bounded(self.api.create(&PostParams::default(), &lease))
+                    .await
+            }
+            Some(seen) => {
+                let mut lease = seen.lease.clone();
+                let transitions = lease
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.lease_transitions)
+                    .unwrap_or(0);
+                lease.spec = Some(self.spec(true, transitions + 1));
+                self.bounded(self.api.replace(&self.name, &PostParams::default(), &lease))
+                    .await
+            }
+        };
+        self.settle(result, sent)
+    }
+
+    /// Renews the Lease this instance holds, at the observed resourceVersion.
+    pub async fn renew(&mut self) -> Result<bool, LeaseError> {
+        let Some(seen) = self
+            .seen
+            .clone()
+            .filter(|s| s.holder.as_deref() == Some(self.me.as_str()))
+        else {
+            return Ok(false);
+        };
+        let sent = Instant::now();
+        let mut lease = seen.lease;
+        let mut spec = lease.spec.unwrap_or_default();
+        spec.renew_time = Some(MicroTime(Utc::now()));
+        spec.lease_duration_seconds = Some(self.timings.lease_duration.as_secs() as i32);
+        lease.spec = Some(spec);
+        let result = self
+            .bounded(self.api.replace(&self.name, &PostParams::default(), &lease))
+            .await;
+        self.settle(result, sent)
+    }
+
+    /// Gives the Lease up (clears the holder) so that a standby need not wait for expiry.
+    pub async fn release(&mut self) -> Result<bool, LeaseError> {
+        let Some(seen) = self
+            .seen
+            .clone()
+            .filter(|s| s.holder.as_deref() == Some(self.me.as_str()))
+        else {
+            return Ok(false);
+        };
+        let mut lease = seen.lease;
+        if let Some(spec) = lease.spec.as_mut() {
+            spec.holder_identity = None;
+        }
+        let result = self
+            .bounded(self.api.replace(&self.name, &PostParams::default(), &lease))
+            .await;
+        self.renewed_at = None;
+        let sent = Instant::now();
+        self.settle(result, sent)
+    }
+
+    /// Records a write's outcome: the new Lease becomes the observation; a conflict means
+    /// someone else changed it (re-read on the next observe).
+    fn settle(
+        &mut self,
+        result: Result<Lease, LeaseError>,
+        sent: Instant,
+    ) -> Result<bool, LeaseError> {
+        match result {
+            Ok(lease) => {
+                let holder = lease
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.holder_identity.clone())
+                    .filter(|h| !h.is_empty());
+                if holder.as_deref() == Some(self.me.as_str()) {
+                    self.renewed_at = Some(sent);
+                }
+                self.seen = Some(Seen {
+                    resource_version: lease.metadata.resource_version.clone(),
+                    holder,
+                    at: Instant::now(),
+                    lease,
+                });
+                Ok(true)
+            }
+            Err(LeaseError::Api(e)) if is_status(&e, 409) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}

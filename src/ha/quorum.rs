@@ -1,0 +1,193 @@
+//! The zero-loss promotion rule under quorum commit, as a pure function.
+//!
+//! With `synchronous_standby_names = 'ANY N (S)'` a commit is acknowledged once N members of S
+//! confirmed it. Any |S| - N + 1 members of S therefore include at least one member that holds
+//! every acknowledged commit, so the most advanced among them does. A standby may promote only
+//! if it is in S, has heard from at least |S| - N + 1 members of S (itself included), and is the
+//! most advanced of those (ties broken by name, so exactly one candidate qualifies).
+
+use std::collections::BTreeMap;
+
+use crate::postgres::lsn::Lsn;
+
+/// Why a candidate may not promote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// N is zero or larger than the set: the published quorum is inconsistent.
+    BadQuorum {
+        number: usize,
+        set: usize,
+    },
+    NotInSet,
+    /// Heard from too few members of S to be sure the view covers every quorum.
+    TooFewHeard {
+        heard: usize,
+        needed: usize,
+    },
+    /// Another member of S that was heard from is further ahead (or equal and sorts first).
+    NotMostAdvanced {
+        ahead: String,
+    },
+}
+
+/// Decides whether `me` may promote. `heard` maps members of S (and possibly others) that
+/// answered, `me` included, to the WAL position they have received.
+pub fn may_promote(
+    me: &str,
+    set: &[String],
+    number: usize,
+    heard: &BTreeMap<String, Lsn>,
+) -> Result<(), Refusal> {
+    if number == 0 || number > set.len() {
+        return Err(Refusal::BadQuorum {
+            number,
+            set: set.len(),
+        });
+    }
+    if !set.iter().any(|s| s == me) {
+        return Err(Refusal::NotInSet);
+    }
+    let members: Vec<(&String, &Lsn)> = heard
+        .iter()
+        .filter(|(name, _)| set.contains(name))
+        .collect();
+    let needed = set.len() - number + 1;
+    if members.len() < needed {
+        return Err(Refusal::TooFewHeard {
+            heard: members.len(),
+            needed,
+        });
+    }
+    // Most advanced first; on equal positions the smaller name wins.
+    let best = members
+        .iter()
+        .max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0)))
+        .map(|(name, _)| name.as_str());
+    match best {
+        Some(best) if best == me => Ok(()),
+        Some(best) => Err(Refusal::NotMostAdvanced {
+            ahead: best.to_string(),
+        }),
+        None => Err(Refusal::TooFewHeard { heard: 0, needed }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn heard(entries: &[(&str, u64)]) -> BTreeMap<String, Lsn> {
+        entries
+            .iter()
+            .map(|(n, l)| (n.to_string(), Lsn(*l)))
+            .collect()
+    }
+
+    #[test]
+    fn table() {
+        let s = set(&["a", "b", "c"]);
+        type Case<'a> = (&'a str, usize, Vec<(&'a str, u64)>, Result<(), Refusal>);
+        let cases: Vec<Case> = vec![
+            // ANY 1 of 3: must hear from 3 (every member) to be sure.
+            ("a", 1, vec![("a", 10), ("b", 5), ("c", 7)], Ok(())),
+            (
+                "a",
+                1,
+                vec![("a", 10), ("b", 5)],
+                Err(Refusal::TooFewHeard {
+                    heard: 2,
+                    needed: 3,
+                }),
+            ),
+            (
+                "b",
+                1,
+                vec![("a", 10), ("b", 5), ("c", 7)],
+                Err(Refusal::NotMostAdvanced { ahead: "a".into() }),
+            ),
+            // ANY 2 of 3: hearing from 2 suffices.
+            ("a", 2, vec![("a", 10), ("b", 5)], Ok(())),
+            ("b", 2, vec![("b", 10), ("c", 10)], Ok(())),
+            (
+                "c",
+                2,
+                vec![("b", 10), ("c", 10)],
+                Err(Refusal::NotMostAdvanced { ahead: "b".into() }),
+            ),
+            // Not a member of S: never.
+            (
+                "d",
+                2,
+                vec![("a", 1), ("b", 1), ("d", 99)],
+                Err(Refusal::NotInSet),
+            ),
+            // Answers from outside S do not count.
+            (
+                "a",
+                2,
+                vec![("a", 10), ("x", 1)],
+                Err(Refusal::TooFewHeard {
+                    heard: 1,
+                    needed: 2,
+                }),
+            ),
+            // Inconsistent quorums are refused.
+            (
+                "a",
+                0,
+                vec![("a", 10)],
+                Err(Refusal::BadQuorum { number: 0, set: 3 }),
+            ),
+            (
+                "a",
+                4,
+                vec![("a", 10)],
+                Err(Refusal::BadQuorum { number: 4, set: 3 }),
+            ),
+        ];
+        for (me, n, h, want) in cases {
+            assert_eq!(
+                may_promote(me, &s, n, &heard(&h)),
+                want,
+                "{me} N={n} heard={h:?}"
+            );
+        }
+    }
+
+    /// Exhaustively: whenever a candidate is allowed, it holds every acknowledged commit.
+    #[test]
+    fn an_allowed_candidate_never_misses_an_acknowledged_commit() {
+        let s = set(&["a", "b", "c", "d"]);
+        let names = ["a", "b", "c", "d"];
+        for number in 1..=4usize {
+            // Positions 0..3 for each member; a commit at position p is acknowledged when at
+            // least `number` members reached p.
+            for code in 0..(4u32.pow(4)) {
+                let pos: Vec<u64> = (0..4)
+                    .map(|i| u64::from((code / 4u32.pow(i)) % 4))
+                    .collect();
+                let mut sorted = pos.clone();
+                sorted.sort_unstable_by(|a, b| b.cmp(a));
+                let acknowledged = sorted[number - 1];
+                for heard_mask in 1..16u32 {
+                    let h: BTreeMap<String, Lsn> = (0..4)
+                        .filter(|i| heard_mask & (1 << i) != 0)
+                        .map(|i| (names[i].to_string(), Lsn(pos[i])))
+                        .collect();
+                    for (i, me) in names.iter().enumerate() {
+                        if !h.contains_key(*me) {
+                            continue;
+                        }
+                        if may_promote(me, &s, number, &h).is_ok() {
+                            assert!(pos[i] >= acknowledged, "{me} at {} < acknowledged {acknowledged} (N={number}, pos={pos:?}, heard={h:?})", pos[i]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! pgwarden: a per-pod PostgreSQL instance manager that runs as PID 1.
+//!
+//! The binary (`src/main.rs`) is a thin command line over these modules; they are a library
+//! so that integration tests can drive the pure decisions and the API clients directly.
+
+pub mod config;
+pub mod ha;
+pub mod health;
+pub mod http;
+pub mod k8s;
+pub mod logging;
+pub mod metrics;
+pub mod monitor;
+pub mod postgres;
+pub mod run;
+pub mod supervisor;
