@@ -223,9 +223,17 @@ primary_only:
     wait_http(sb.status_port, "/readyz", 200, LONG);
     let client = sb.wait_client(LONG).await;
     client.batch_execute("CREATE DATABASE app").await.unwrap();
-    std::thread::sleep(Duration::from_millis(1100)); // past the metrics TTL
-    let (code, text) = http_get(sb.metrics_port, "/metrics").unwrap();
-    assert_eq!(code, 200);
+    // Scrapes answer from the cache and refresh it in the background once past the TTL.
+    let deadline = Instant::now() + LONG;
+    let text = loop {
+        let (code, text) = http_get(sb.metrics_port, "/metrics").unwrap();
+        assert_eq!(code, 200);
+        if text.contains("database=\"app\"") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "the new database never showed up");
+        std::thread::sleep(Duration::from_millis(300));
+    };
 
     for needle in [
         "pgwarden_custom_answer{tag=\"x\"} 42",

@@ -61,17 +61,19 @@ pub struct MonitorHandle {
 }
 
 impl MonitorHandle {
-    /// Metric samples no older than the TTL when the monitor can provide them within `wait`;
-    /// otherwise the last ones collected.
+    /// The cached metric samples. When they are older than the TTL a refresh is requested;
+    /// the scrape waits for it (up to `wait`) only when nothing was collected yet, and
+    /// otherwise answers at once with the previous values (stale-while-revalidate), so a
+    /// scrape's latency never includes the queries.
     pub async fn samples(&self, wait: Duration) -> Vec<Sample> {
-        let stale = {
+        let (stale, empty) = {
             let c = self.lock();
-            c.at.is_none_or(|t| t.elapsed() > self.ttl)
+            (c.at.is_none_or(|t| t.elapsed() > self.ttl), c.at.is_none())
         };
         if stale {
             let (tx, rx) = oneshot::channel();
-            // A full queue means other scrapes already asked: just wait as they do.
-            if self.requests.try_send(tx).is_ok() {
+            // A full queue means a refresh is already requested.
+            if self.requests.try_send(tx).is_ok() && empty {
                 let _ = tokio::time::timeout(wait, rx).await;
             }
         }
