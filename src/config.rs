@@ -54,6 +54,7 @@ pub struct Config {
     pub monitor: MonitorConfig,
     pub probes: ProbesConfig,
     pub kubernetes: KubernetesConfig,
+    pub wal: WalConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -77,6 +78,10 @@ pub struct PostgresConfig {
     pub parameters: BTreeMap<String, ParamValue>,
     /// Extra pg_hba.conf rules, placed after pgwarden's own rule and before the defaults.
     pub pg_hba: Vec<String>,
+    /// archive_mode / archive_command / restore_command, set by pgwarden when WAL archiving
+    /// is configured (never from the file).
+    #[serde(skip)]
+    pub archive: Option<crate::postgres::conf::ArchiveCommands>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -163,6 +168,78 @@ pub struct KubernetesConfig {
     pub api_timeout: Duration,
 }
 
+/// WAL archiving (`[wal]`): off while `destination` is unset.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WalConfig {
+    /// `file:///absolute/path` or `s3://bucket/optional/prefix`; archiving is off when unset.
+    pub destination: Option<String>,
+    /// zstd, gzip or none.
+    pub compression: crate::wal::format::Compression,
+    /// Parallel uploads (and prefetch downloads).
+    pub parallelism: u32,
+    /// Upload `.ready` files before Postgres asks for them. Off: each `archive_command` call
+    /// uploads its one file, serialized as with a plain `cp`-style command (for comparison).
+    pub upload_ahead: bool,
+    /// Segments fetched ahead into the spool directory during recovery; 0 turns prefetch off.
+    pub prefetch: u32,
+    /// Where prefetched segments wait; default: `pgwarden-wal-spool` beside the data directory
+    /// (the same volume, so handing a segment to Postgres is a rename).
+    pub spool_dir: Option<PathBuf>,
+    /// Bound for each call to the destination (one upload, download or lookup).
+    #[serde(with = "humantime_serde")]
+    pub io_timeout: Duration,
+    /// How long `wal-archive` / `wal-restore` wait for an answer from the running pgwarden.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Retry delay after a failed upload, doubling per failure of the same segment up to
+    /// `retry_max`.
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// After Postgres stopped, how long pgwarden keeps uploading what is still waiting.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    pub s3: S3Config,
+}
+
+/// S3-compatible object storage. Credentials come from the environment (`AWS_ACCESS_KEY_ID`,
+/// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, or the instance/IRSA mechanisms the AWS
+/// environment variables select) or from `credentials_dir`.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    /// Endpoint URL of an S3-compatible service (default: AWS, or `AWS_ENDPOINT_URL`).
+    pub endpoint: Option<String>,
+    /// Default: `AWS_REGION` / `AWS_DEFAULT_REGION`, else `us-east-1`.
+    pub region: Option<String>,
+    /// Allow a plain `http://` endpoint.
+    pub allow_http: bool,
+    /// A directory with files `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and optionally
+    /// `AWS_SESSION_TOKEN` (a mounted Kubernetes Secret); read at every connection.
+    pub credentials_dir: Option<PathBuf>,
+}
+
+impl Default for WalConfig {
+    fn default() -> Self {
+        WalConfig {
+            destination: None,
+            compression: crate::wal::format::Compression::Zstd,
+            parallelism: 4,
+            upload_ahead: true,
+            prefetch: 8,
+            spool_dir: None,
+            io_timeout: Duration::from_secs(60),
+            command_timeout: Duration::from_secs(120),
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(10),
+            s3: S3Config::default(),
+        }
+    }
+}
+
 impl Default for KubernetesConfig {
     fn default() -> Self {
         KubernetesConfig {
@@ -219,6 +296,7 @@ impl Default for Config {
             monitor: MonitorConfig::default(),
             probes: ProbesConfig::default(),
             kubernetes: KubernetesConfig::default(),
+            wal: WalConfig::default(),
         }
     }
 }
@@ -245,6 +323,7 @@ impl Default for PostgresConfig {
             encoding: "UTF8".into(),
             parameters: BTreeMap::new(),
             pg_hba: Vec::new(),
+            archive: None,
         }
     }
 }
@@ -403,6 +482,9 @@ impl Config {
                 "must not be shorter than supervision.backoff_initial",
             ));
         }
+        self.wal
+            .validate()
+            .map_err(|(key, message)| ConfigError::key(format!("wal.{key}"), message))?;
         if self.http.status_listen == self.http.metrics_listen {
             return Err(ConfigError::key(
                 "http.metrics_listen",

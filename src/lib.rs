@@ -14,3 +14,4 @@ pub mod monitor;
 pub mod postgres;
 pub mod run;
 pub mod supervisor;
+pub mod wal;

@@ -54,6 +54,23 @@ enum Cmd {
     StatusSchema,
     /// Print the PostgresCluster CustomResourceDefinition as YAML.
     Crd,
+    /// Archive one WAL file (Postgres's archive_command, rendered by pgwarden).
+    WalArchive {
+        /// The settings file `pgwarden run` writes (`<run_dir>/wal/settings.json`).
+        #[arg(long)]
+        settings: PathBuf,
+        /// `%p`: the file's path, relative to the data directory.
+        path: PathBuf,
+    },
+    /// Restore one WAL file from the archive (Postgres's restore_command).
+    WalRestore {
+        #[arg(long)]
+        settings: PathBuf,
+        /// `%f`: the file name wanted.
+        name: String,
+        /// `%p`: where to put it.
+        path: PathBuf,
+    },
 }
 
 fn main() {
@@ -69,6 +86,14 @@ fn main() {
             0
         }
         Cmd::Run { config } => run_main(config, cli.log_format),
+        Cmd::WalArchive { settings, path } => {
+            pgwarden::wal::commands::wal_archive(&settings, &path)
+        }
+        Cmd::WalRestore {
+            settings,
+            name,
+            path,
+        } => pgwarden::wal::commands::wal_restore(&settings, &name, &path),
         Cmd::CheckConfig { config } => match Config::load(config.as_deref(), std::env::vars()) {
             Ok(c) => {
                 println!("{c:#?}");

@@ -21,6 +21,7 @@ use crate::postgres::datadir::{self, DataDir};
 use crate::postgres::log::ServerLog;
 use crate::supervisor::postmaster::{self, Handle, State, Status, StopMode};
 use crate::supervisor::reaper::Reaper;
+use crate::wal;
 
 /// Exit code when Postgres could not be kept running (the kubelet restarts the container).
 pub const EXIT_POSTGRES_FAILED: i32 = 3;
@@ -76,6 +77,7 @@ pub async fn run(opts: Options) -> anyhow::Result<i32> {
             max_standby_lag_bytes: max_lag_rx,
             assessor,
             kubernetes: std::sync::OnceLock::new(),
+            wal: std::sync::OnceLock::new(),
             scrape_wait: config.http.request_timeout / 2,
         }),
     };
@@ -111,9 +113,23 @@ pub async fn run(opts: Options) -> anyhow::Result<i32> {
         .with_context(|| format!("cannot set the mode of {}", pg.run_dir.display()))?;
     let server_log = ServerLog::start(&pg.run_dir, opts.log_format)
         .context("cannot set up the server log pipes")?;
+    // WAL archiving: the daemon listens before Postgres starts, which asks it from its first
+    // archive or restore; Postgres gets archive_command / restore_command when configured.
+    let wal = if wal::wanted(&config) {
+        let w = wal::start(&config, &state.inner.metrics, observations.clone())?;
+        let _ = state.inner.wal.set(w.clone());
+        Some(w)
+    } else {
+        None
+    };
+    let mut pg_settings = pg.clone();
+    pg_settings.archive = wal
+        .as_ref()
+        .and_then(|w| w.settings())
+        .map(|_| wal::commands(&wal::own_binary(), &wal::settings_path(&pg.run_dir)));
 
     let spec = postmaster::Spec {
-        settings: pg.clone(),
+        settings: pg_settings.clone(),
         binaries,
         os_user: os_user_name(),
         shutdown: config.shutdown.clone(),
@@ -122,16 +138,20 @@ pub async fn run(opts: Options) -> anyhow::Result<i32> {
     let postmaster = postmaster::spawn(spec, reaper.clone(), server_log, status_tx);
     let kubernetes = k8s::start(k8s::Start {
         config: config.clone(),
-        base: pg.clone(),
+        base: pg_settings.clone(),
         postmaster: postmaster.clone(),
         status: status_rx.clone(),
         observation: observations,
         assessor,
         cluster_queries: cluster_queries_tx,
         max_standby_lag: max_lag_tx,
+        wal: wal.clone(),
     })
     .await?;
     if let Some(k) = kubernetes {
+        if let Some(w) = &wal {
+            wal::report_condition(w.state.clone(), k.clone());
+        }
         let _ = state.inner.kubernetes.set(k);
     }
     // Not awaited: signals must be handled while Postgres starts (or recovers).
@@ -148,6 +168,11 @@ pub async fn run(opts: Options) -> anyhow::Result<i32> {
         path: opts.config_path,
     };
     let code = supervise(&postmaster, &reaper, status_rx, &mut signals, &mut reloader).await;
+    // Postgres has stopped (its own archiver ran until the end, served by the daemon): upload
+    // what is still waiting, bounded by wal.drain_timeout.
+    if let Some(w) = &wal {
+        w.drain().await;
+    }
     let _ = stop_http.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         for s in servers {
@@ -297,6 +322,10 @@ impl Reloader {
         settings.run_dir = old.run_dir.clone();
         settings.bin_dir = old.bin_dir.clone();
         settings.superuser = old.superuser.clone();
+        settings.archive = old.archive.clone();
+        if new.wal != self.current.wal {
+            tracing::warn!("changes of [wal] need a restart of pgwarden; ignored");
+        }
         if new.http != self.current.http
             || new.shutdown != self.current.shutdown
             || new.supervision != self.current.supervision

@@ -231,7 +231,10 @@ primary_only:
         if text.contains("database=\"app\"") {
             break text;
         }
-        assert!(Instant::now() < deadline, "the new database never showed up");
+        assert!(
+            Instant::now() < deadline,
+            "the new database never showed up"
+        );
         std::thread::sleep(Duration::from_millis(300));
     };
 

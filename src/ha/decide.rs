@@ -94,6 +94,8 @@ pub struct Observed {
     pub max_lag_bytes: Option<u64>,
     /// Local restarts allowed before the leader gives the Lease up.
     pub max_local_restarts: u32,
+    /// `spec.instances`: bootstrapping needs an answer from every one of them.
+    pub instances: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +120,9 @@ pub enum Action {
     RestartLocally,
     /// Postgres keeps crashing on the leader: give the Lease up so a standby takes over.
     Release,
+    /// Holding the Lease with Postgres stopped (before the first start, after a restart of
+    /// pgwarden): start it as the primary.
+    StartPrimary,
     /// No Lease and no data anywhere: this instance bootstraps the cluster.
     Bootstrap,
 }
@@ -129,15 +134,26 @@ pub fn decide(o: &Observed) -> Action {
     };
     let leader = holder == Some(o.me.as_str());
 
-    // Safety first: a leader that could not renew in time must already have stopped writing.
-    if leader && o.local == Local::Primary {
-        if let Some(since) = o.since_renew {
-            if since > o.timings.renew_deadline {
-                return Action::Fence(format!(
+    // Safety first: a primary may take writes only while it holds the Lease *and* a renewal
+    // sent within the renew deadline succeeded. Anything else (never renewed in this process,
+    // renewal too old, Lease unknown, absent, expired or held by another) stops the writes.
+    if o.local == Local::Primary {
+        let renewed = o
+            .since_renew
+            .is_some_and(|since| since <= o.timings.renew_deadline);
+        if leader && !renewed {
+            return Action::Fence(match o.since_renew {
+                Some(since) => format!(
                     "lease not renewed for {since:?} (renew deadline {:?})",
                     o.timings.renew_deadline
-                ));
-            }
+                ),
+                None => "lease held but not renewed by this process".into(),
+            });
+        }
+        if !leader
+            && !matches!(&o.lease, Lease::Held { unchanged_for, .. } if *unchanged_for <= o.timings.lease_duration)
+        {
+            return Action::Fence("primary without a confirmed lease".into());
         }
     }
     if o.fenced {
@@ -153,9 +169,7 @@ pub fn decide(o: &Observed) -> Action {
             Local::Replica => Action::Promote,
             Local::Crashed { crashes } if crashes <= o.max_local_restarts => Action::RestartLocally,
             Local::Crashed { .. } => Action::Release,
-            // Holding the Lease with Postgres stopped (e.g. after a self-fence): the Lease
-            // will expire; give it up so the others need not wait.
-            Local::Stopped => Action::Release,
+            Local::Stopped => Action::StartPrimary,
         };
     }
 
@@ -183,9 +197,12 @@ pub fn decide(o: &Observed) -> Action {
         return Action::Wait("the API server is unreachable".into());
     }
     // The Lease is absent or expired.
+    // Only when every instance of the cluster answered and none has data: an instance that is
+    // down may hold the only copy.
     if o.lease == Lease::Absent
-        && o.peers.iter().all(|p| p.lsn.is_none())
         && o.local == Local::Stopped
+        && o.peers.len() >= o.instances
+        && o.peers.iter().all(|p| p.lsn.is_none())
     {
         return Action::Bootstrap;
     }
@@ -282,6 +299,7 @@ mod tests {
             sync: Sync::Off,
             max_lag_bytes: None,
             max_local_restarts: 3,
+            instances: 3,
         }
     }
 
@@ -316,7 +334,19 @@ mod tests {
             ("new leader promotes", leader(Local::Replica, 0), Action::Promote),
             ("leader restarts a crashed postgres locally", leader(Local::Crashed { crashes: 2 }, 1), Action::RestartLocally),
             ("leader gives up after too many crashes", leader(Local::Crashed { crashes: 4 }, 1), Action::Release),
-            ("leader with postgres stopped releases", leader(Local::Stopped, 1), Action::Release),
+            ("leader with postgres stopped starts it as primary", leader(Local::Stopped, 1), Action::StartPrimary),
+            ("primary that never renewed in this process fences",
+                Observed { since_renew: None, ..leader(Local::Primary, 0) },
+                fence("lease held but not renewed by this process")),
+            ("primary with the lease unknown fences",
+                Observed { lease: Lease::Unknown, local: Local::Primary, following: None, ..base("b") },
+                fence("primary without a confirmed lease")),
+            ("primary with the lease absent fences",
+                Observed { lease: Lease::Absent, local: Local::Primary, following: None, ..base("b") },
+                fence("primary without a confirmed lease")),
+            ("primary seeing the lease expired fences",
+                Observed { lease: expired(), local: Local::Primary, following: None, ..base("b") },
+                fence("primary without a confirmed lease")),
             ("fenced primary stops and releases", Observed { fenced: true, ..leader(Local::Primary, 1) }, Action::FenceAndRelease),
             ("fenced standby stops", Observed { fenced: true, ..base("b") }, Action::FenceAndRelease),
             ("fenced and stopped waits", Observed { fenced: true, local: Local::Stopped, ..base("b") }, Action::Wait("fenced".into())),
@@ -357,8 +387,11 @@ mod tests {
                 Observed { lease: expired(), peers: vec![peer("b", 100)], sync: Sync::Quorum { number: 1, set: vec!["b".into(), "c".into()] }, ..base("b") },
                 Action::Wait("heard from 1 of the synchronous set, need 2 to be sure no acknowledged commit is missing".into())),
             ("absent lease and no data anywhere: bootstrap",
-                Observed { lease: Lease::Absent, local: Local::Stopped, peers: vec![Peer { lsn: None, ..peer("b", 0) }], following: None, ..base("b") },
+                Observed { lease: Lease::Absent, local: Local::Stopped, peers: vec![Peer { lsn: None, ..peer("b", 0) }], following: None, instances: 1, ..base("b") },
                 Action::Bootstrap),
+            ("absent lease, an instance not heard from: no bootstrap",
+                Observed { lease: Lease::Absent, local: Local::Stopped, peers: vec![Peer { lsn: None, ..peer("b", 0) }], following: None, ..base("b") },
+                Action::Wait("my WAL position is unknown".into())),
             ("absent lease with data: the most advanced takes it",
                 Observed { lease: Lease::Absent, ..base("b") },
                 Action::Acquire),

@@ -4,7 +4,9 @@
 //! confirmed it. Any |S| - N + 1 members of S therefore include at least one member that holds
 //! every acknowledged commit, so the most advanced among them does. A standby may promote only
 //! if it is in S, has heard from at least |S| - N + 1 members of S (itself included), and is the
-//! most advanced of those (ties broken by name, so exactly one candidate qualifies).
+//! most advanced of those (ties broken by name). Two candidates that heard different subsets can
+//! both qualify; that is safe because both hold every acknowledged commit, and the Lease write,
+//! preconditioned on the observed resourceVersion, lets only one of them promote.
 
 use std::collections::BTreeMap;
 

@@ -26,6 +26,9 @@ pub async fn handler(State(state): State<AppState>) -> impl IntoResponse {
         orphans_reaped: shared.reaper.orphans_reaped(),
         postgres_version: &version,
     }));
+    if let Some(w) = shared.wal.get() {
+        samples.extend(w.state.borrow().samples());
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -41,6 +41,8 @@ pub struct Shared {
     pub assessor: health::Assessor,
     /// The Kubernetes side, once started (when configured).
     pub kubernetes: std::sync::OnceLock<Arc<crate::k8s::Shared>>,
+    /// The WAL archiver, once started (when configured).
+    pub wal: std::sync::OnceLock<crate::wal::Handle>,
     /// How long a scrape waits for fresh metric queries before serving the cached ones.
     pub scrape_wait: Duration,
 }

@@ -30,6 +30,10 @@ pub struct StatusDoc {
     pub postgres: Option<PgState>,
     /// The Kubernetes side; null when pgwarden runs without it.
     pub kubernetes: Option<KubernetesDoc>,
+    /// pgwarden's WAL archiver; null when it does not run. The ready backlog (count, oldest
+    /// age) is in `postgres.archiver`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal: Option<crate::wal::WalDoc>,
 }
 
 #[derive(Debug, Serialize, schemars::JsonSchema)]
@@ -95,6 +99,7 @@ pub async fn handler(State(state): State<AppState>) -> Json<StatusDoc> {
             api: k.api_health(),
             conditions: k.conditions(),
         }),
+        wal: shared.wal.get().map(|w| w.state.borrow().doc()),
     })
 }
 

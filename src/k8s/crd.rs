@@ -45,6 +45,79 @@ pub struct PostgresClusterSpec {
     /// How changes that need a restart are applied.
     #[serde(default)]
     pub update_strategy: UpdateStrategy,
+    /// WAL archiving; each field set here replaces pgwarden's `[wal]` setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal_archive: Option<WalArchiveSpec>,
+}
+
+/// WAL archiving to a filesystem or S3-compatible object storage. Credentials come from the
+/// pod: `AWS_*` environment variables (for example `envFrom` a Secret) or a Secret mounted at
+/// pgwarden's `wal.s3.credentials_dir`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WalArchiveSpec {
+    /// `s3://bucket/prefix` or `file:///path` (a mounted volume); archiving is off when
+    /// neither this nor pgwarden's configuration sets one. An empty string turns it off.
+    #[serde(default)]
+    #[schemars(length(max = 1024))]
+    pub destination: Option<String>,
+    /// zstd (default), gzip or none.
+    #[serde(default)]
+    pub compression: Option<crate::wal::format::Compression>,
+    /// Parallel uploads and prefetch downloads.
+    #[serde(default)]
+    #[schemars(range(min = 1, max = 64))]
+    pub parallelism: Option<u32>,
+    /// Segments fetched ahead during recovery (0: off).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 64))]
+    pub prefetch: Option<u32>,
+    #[serde(default)]
+    pub s3: Option<WalS3Spec>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WalS3Spec {
+    /// Endpoint of an S3-compatible service (default: AWS).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Allow a plain http:// endpoint.
+    #[serde(default)]
+    pub allow_http: Option<bool>,
+}
+
+impl WalArchiveSpec {
+    /// `base` (pgwarden's `[wal]`) with the fields this spec sets.
+    pub fn apply(&self, base: &crate::config::WalConfig) -> crate::config::WalConfig {
+        let mut w = base.clone();
+        if let Some(d) = &self.destination {
+            w.destination = Some(d.clone()).filter(|d| !d.is_empty());
+        }
+        if let Some(c) = self.compression {
+            w.compression = c;
+        }
+        if let Some(p) = self.parallelism {
+            w.parallelism = p;
+        }
+        if let Some(p) = self.prefetch {
+            w.prefetch = p;
+        }
+        if let Some(s3) = &self.s3 {
+            if let Some(e) = &s3.endpoint {
+                w.s3.endpoint = Some(e.clone());
+            }
+            if let Some(r) = &s3.region {
+                w.s3.region = Some(r.clone());
+            }
+            if let Some(a) = s3.allow_http {
+                w.s3.allow_http = a;
+            }
+        }
+        w
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -208,22 +281,23 @@ pub struct PostgresClusterStatus {
     pub instances: BTreeMap<String, InstanceStatus>,
 }
 
-/// One instance's report.
+/// One instance's report. Unknown values are sent as `null`, which a merge patch turns into
+/// removing the field, so nothing stale stays behind.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InstanceStatus {
     /// primary, replica, fenced or unknown.
     pub role: String,
     pub health: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub address: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub timeline: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub current_lsn: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub received_lsn: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub replayed_lsn: Option<String>,
     pub ready: bool,
     pub pending_restart: bool,
@@ -264,7 +338,9 @@ pub fn validate(spec: &PostgresClusterSpec) -> Result<(), Vec<String>> {
         }
     }
     let f = &spec.failover;
-    if f.renew_deadline_seconds + f.retry_period_seconds >= f.lease_duration_seconds {
+    if u64::from(f.renew_deadline_seconds) + u64::from(f.retry_period_seconds)
+        >= u64::from(f.lease_duration_seconds)
+    {
         problems.push(format!(
             "spec.failover: renewDeadlineSeconds ({}) + retryPeriodSeconds ({}) must be less than leaseDurationSeconds ({})",
             f.renew_deadline_seconds, f.retry_period_seconds, f.lease_duration_seconds
@@ -275,6 +351,17 @@ pub fn validate(spec: &PostgresClusterSpec) -> Result<(), Vec<String>> {
             "spec.instances: {} is not between 1 and 16",
             spec.instances
         ));
+    } else if spec.instances > 1 {
+        // Without leader election every pod would run its own writable primary.
+        problems.push(format!(
+            "spec.instances: {} instances need high availability (leader election and replicas), which this version of pgwarden does not provide yet; use 1",
+            spec.instances
+        ));
+    }
+    if let Some(w) = &spec.wal_archive {
+        if let Err((key, reason)) = w.apply(&crate::config::WalConfig::default()).validate() {
+            problems.push(format!("spec.walArchive.{key}: {reason}"));
+        }
     }
     let s = &spec.synchronous;
     if s.mode == SynchronousMode::Quorum && (s.number == 0 || s.number >= spec.instances) {
@@ -308,10 +395,12 @@ pub fn parse_spec(spec: &serde_json::Value) -> Result<PostgresClusterSpec, Strin
 pub fn crd_yaml() -> String {
     use kube::CustomResourceExt;
     let crd = PostgresCluster::crd();
-    format!(
-        "# Generated by `pgwarden crd`: do not edit.\n{}",
-        serde_yaml::to_string(&crd).unwrap_or_default()
-    )
+    let yaml = serde_yaml::to_string(&crd).unwrap_or_default();
+    // YAML 1.1 readers (kubectl apply -f) take a bare `off` for the boolean false.
+    let yaml = yaml
+        .replace(": off\n", ": \"off\"\n")
+        .replace("- off\n", "- \"off\"\n");
+    format!("# Generated by `pgwarden crd`: do not edit.\n{yaml}")
 }
 
 #[cfg(test)]
@@ -321,7 +410,7 @@ mod tests {
 
     fn base() -> serde_json::Value {
         json!({
-            "instances": 3,
+            "instances": 1,
             "secrets": {"superuser": {"name": "su"}, "replication": {"name": "repl"}}
         })
     }
@@ -358,6 +447,32 @@ mod tests {
         v["failover"] = json!({"leaseDurationSeconds": 8, "renewDeadlineSeconds": 6});
         let problems = validate(&parse_spec(&v).unwrap()).unwrap_err();
         assert!(problems[0].contains("leaseDurationSeconds"), "{problems:?}");
+    }
+
+    #[test]
+    fn wal_archive_is_layered_and_checked() {
+        let mut v = base();
+        v["walArchive"] = json!({"destination": "s3://bkt/pg", "parallelism": 8, "s3": {"endpoint": "http://minio:9000", "allowHttp": true}});
+        let spec = parse_spec(&v).unwrap();
+        assert!(validate(&spec).is_ok());
+        let w = spec
+            .wal_archive
+            .unwrap()
+            .apply(&crate::config::WalConfig::default());
+        assert_eq!(w.destination.as_deref(), Some("s3://bkt/pg"));
+        assert_eq!(w.parallelism, 8);
+        assert_eq!(w.prefetch, 8);
+        assert!(w.s3.allow_http);
+        let mut v = base();
+        v["walArchive"] = json!({"destination": "ftp://x"});
+        let problems = validate(&parse_spec(&v).unwrap()).unwrap_err();
+        assert!(
+            problems[0].starts_with("spec.walArchive.destination"),
+            "{problems:?}"
+        );
+        let mut v = base();
+        v["walArchive"] = json!({"compression": "lz4"});
+        assert!(parse_spec(&v).unwrap_err().contains("spec.walArchive"));
     }
 
     #[test]

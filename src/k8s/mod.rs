@@ -66,24 +66,26 @@ impl Shared {
             .clone()
     }
 
-    /// Records the outcome of an API call.
-    pub fn api_result<T, E: std::fmt::Display>(&self, r: &Result<T, E>) {
+    /// Records the outcome of an API call. Only a call that got no answer (transport error,
+    /// timeout) makes the API server unreachable; an error the server answered with (403, 404,
+    /// 410, ...) shows it is reachable and is reported by the caller.
+    pub fn api_result<T, E: Reachability>(&self, r: &Result<T, E>) {
         let mut h = self.api_health.lock().unwrap_or_else(|p| p.into_inner());
         match r {
-            Ok(_) => {
+            Err(e) if !e.answered() => {
+                if h.reachable || h.last_error.is_none() {
+                    tracing::warn!(error = %e, "Kubernetes API server unreachable; Postgres keeps serving");
+                }
+                h.reachable = false;
+                h.last_error = Some(e.to_string());
+            }
+            _ => {
                 if !h.reachable {
                     tracing::info!("Kubernetes API server reachable");
                 }
                 h.reachable = true;
                 h.last_error = None;
                 h.last_success = Some(Instant::now());
-            }
-            Err(e) => {
-                if h.reachable || h.last_error.is_none() {
-                    tracing::warn!(error = %e, "Kubernetes API server unreachable; Postgres keeps serving");
-                }
-                h.reachable = false;
-                h.last_error = Some(e.to_string());
             }
         }
     }
@@ -114,6 +116,27 @@ impl Shared {
     }
 }
 
+/// Whether an API error came from the server (it answered) or from getting no answer.
+pub trait Reachability: std::fmt::Display {
+    fn answered(&self) -> bool;
+}
+
+impl Reachability for kube::Error {
+    fn answered(&self) -> bool {
+        matches!(self, kube::Error::Api(_))
+    }
+}
+
+impl Reachability for kube::runtime::watcher::Error {
+    fn answered(&self) -> bool {
+        use kube::runtime::watcher::Error as W;
+        match self {
+            W::InitialListFailed(e) | W::WatchStartFailed(e) | W::WatchFailed(e) => e.answered(),
+            W::WatchError(_) | W::NoResourceVersion => true,
+        }
+    }
+}
+
 /// Inputs of the Kubernetes tasks.
 pub struct Start {
     pub config: Config,
@@ -126,6 +149,8 @@ pub struct Start {
     pub cluster_queries: watch::Sender<Vec<crate::monitor::queries::QuerySpec>>,
     /// `spec.probes.maxStandbyLagBytes` (over pgwarden's own setting), for the probes.
     pub max_standby_lag: watch::Sender<Option<u64>>,
+    /// The WAL archiver, which `spec.walArchive` reconfigures.
+    pub wal: Option<crate::wal::Handle>,
 }
 
 /// Connects to the API server (kubeconfig or in-cluster) and starts the tasks. Returns `None`
@@ -184,6 +209,8 @@ pub async fn start(s: Start) -> anyhow::Result<Option<Arc<Shared>>> {
             queries: queries_tx,
             max_standby_lag: s.max_standby_lag,
             default_max_standby_lag: s.config.probes.max_standby_lag_bytes,
+            wal: s.wal.clone(),
+            base_wal: s.config.wal.clone(),
             applied: None,
             invalid_generation: None,
         }

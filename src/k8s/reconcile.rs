@@ -35,6 +35,9 @@ pub struct Reconciler {
     pub queries: watch::Sender<Option<KeyRef>>,
     pub max_standby_lag: watch::Sender<Option<u64>>,
     pub default_max_standby_lag: Option<u64>,
+    /// The WAL archiver and pgwarden's own `[wal]` settings, which `spec.walArchive` layers on.
+    pub wal: Option<crate::wal::Handle>,
+    pub base_wal: crate::config::WalConfig,
     /// The settings and generation last applied.
     pub applied: Option<(i64, PostgresConfig)>,
     /// A generation already reported as invalid (reported once).
@@ -122,6 +125,22 @@ impl Reconciler {
             s.parameters.insert(name.clone(), value.0.clone());
         }
         s.pg_hba.extend(spec.postgresql.pg_hba.iter().cloned());
+        // WAL archiving: the daemon takes the layered settings; Postgres gets the commands
+        // (archive_mode needs a restart, which the pending-restart logic below applies).
+        let wal = match &spec.wal_archive {
+            Some(w) => w.apply(&self.base_wal),
+            None => self.base_wal.clone(),
+        };
+        let settings = crate::wal::Settings::resolve(&wal, &s);
+        s.archive = settings.as_ref().map(|_| {
+            crate::wal::commands(
+                &crate::wal::own_binary(),
+                &crate::wal::settings_path(&s.run_dir),
+            )
+        });
+        if let Some(h) = &self.wal {
+            h.set(settings);
+        }
         s
     }
 
@@ -223,6 +242,7 @@ impl Reconciler {
             user: &self.base.superuser,
             dbname: "postgres",
             application_name: "pgwarden",
+            statement_timeout: Duration::from_secs(5),
         };
         let Ok(conn) = connect_timeout(&target).await else {
             return Vec::new();

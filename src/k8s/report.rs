@@ -48,7 +48,10 @@ struct Report {
 impl Reporter {
     pub async fn run(mut self) {
         let mut last: Option<Report> = None;
-        let mut last_sent = Instant::now() - self.interval;
+        // "Long ago", without underflowing on a young monotonic clock.
+        let mut last_sent = Instant::now()
+            .checked_sub(self.interval)
+            .unwrap_or_else(Instant::now);
         let mut label_sent: Option<&'static str> = None;
         let mut health_seen: Option<Health> = None;
         loop {
@@ -107,15 +110,19 @@ impl Reporter {
             last_report_time: String::new(),
             conditions: self.shared.conditions(),
         };
-        Report {
-            entry,
-            // Until the role is known, keep Services from routing here by label.
-            role_label: if role == "primary" {
-                "primary"
-            } else {
-                "replica"
-            },
-        }
+        // Services route by this label: only a role confirmed under a valid spec gets one;
+        // anything else is `unknown`, which no Service selects.
+        let spec_valid = self
+            .shared
+            .conditions()
+            .iter()
+            .any(|c| c.type_ == "SpecValid" && c.status == "True");
+        let role_label = match (role, spec_valid) {
+            ("primary", true) => "primary",
+            ("replica", true) => "replica",
+            _ => "unknown",
+        };
+        Report { entry, role_label }
     }
 
     async fn lifecycle_event(&self, before: Option<Health>, report: &Report) {
@@ -163,7 +170,7 @@ impl Reporter {
         let mut entry = report.entry.clone();
         entry.last_report_time = now_rfc3339();
         let mut status = json!({ "instances": { id.pod.clone(): entry } });
-        if report.entry.role == "primary" {
+        if report.role_label == "primary" {
             status["currentPrimary"] = json!(id.pod);
             status["phase"] = json!(if report.entry.ready {
                 "Healthy"

@@ -141,6 +141,7 @@ impl SecretsTask {
             user: &self.pg.superuser,
             dbname: "postgres",
             application_name: "pgwarden",
+            statement_timeout: Duration::from_secs(5),
         };
         let conn = connect_timeout(&target).await.map_err(|e| e.to_string())?;
         let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());

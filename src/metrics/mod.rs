@@ -69,6 +69,11 @@ impl Metrics {
         })
     }
 
+    /// Adds a collector of another part of pgwarden (the WAL archiver's).
+    pub fn register(&self, c: Box<dyn prometheus::core::Collector>) -> prometheus::Result<()> {
+        self.registry.register(c)
+    }
+
     /// The exposition text: the registry plus the given samples.
     pub fn render(&self, samples: Vec<Sample>) -> String {
         let mut families = self.registry.gather();

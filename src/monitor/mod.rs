@@ -246,6 +246,7 @@ impl Monitor {
             user,
             dbname: db,
             application_name: "pgwarden-monitor",
+            statement_timeout: self.cfg.query_timeout,
         };
         let conn = match connect_timeout(&target(MONITOR_ROLE)).await {
             Ok(c) => c,
@@ -262,10 +263,6 @@ impl Monitor {
             }
             Err(e) => return Err(e),
         };
-        let ms = self.cfg.query_timeout.as_millis();
-        conn.simple_query(&format!("SET statement_timeout = {ms}"))
-            .await
-            .map_err(|e| ConnectError::Failed(e.to_string()))?;
         Ok(conn)
     }
 
@@ -333,6 +330,10 @@ impl Monitor {
                 Databases::All => self.databases().await.into_iter().map(Some).collect(),
             };
             for db in dbs {
+                // A long collection must not let the health snapshot go stale.
+                if self.observation.borrow().heartbeat.elapsed() >= self.cfg.interval {
+                    self.refresh().await;
+                }
                 let key = (spec.name.clone(), db.clone().unwrap_or_default());
                 let failed = match self.run_query(spec, db.as_deref()).await {
                     Ok(mut s) => {

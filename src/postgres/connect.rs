@@ -38,6 +38,9 @@ pub struct Target<'a> {
     pub user: &'a str,
     pub dbname: &'a str,
     pub application_name: &'a str,
+    /// Server-side bound for every statement (and for waiting on a lock), so a query that the
+    /// client gave up on does not linger in the server holding or waiting for locks.
+    pub statement_timeout: Duration,
 }
 
 /// Opens a connection and drives it on a background task.
@@ -48,6 +51,10 @@ pub async fn connect(t: &Target<'_>) -> Result<Connection, tokio_postgres::Error
         .user(t.user)
         .dbname(t.dbname)
         .application_name(t.application_name)
+        .options(format!(
+            "-c statement_timeout={ms} -c lock_timeout={ms}",
+            ms = t.statement_timeout.as_millis().max(1)
+        ))
         .connect_timeout(CONNECT_TIMEOUT);
     let (client, connection) = cfg.connect(NoTls).await?;
     let task = tokio::spawn(async move {
@@ -89,6 +96,7 @@ pub async fn ping(socket_dir: &Path, port: u16, user: &str) -> Result<(), String
         user,
         dbname: "postgres",
         application_name: "pgwarden",
+        statement_timeout: CONNECT_TIMEOUT,
     })
     .await
     .map_err(|e| e.to_string())?;

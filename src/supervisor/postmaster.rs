@@ -186,6 +186,8 @@ pub fn spawn(
         crash_times: VecDeque::new(),
         start_waiters: Vec::new(),
         stop_waiters: Vec::new(),
+        shutting_down: false,
+        reload_when_ready: false,
     };
     tokio::spawn(actor.run(rx));
     Handle { tx }
@@ -232,6 +234,11 @@ struct Actor {
     crash_times: VecDeque<Instant>,
     start_waiters: Vec<Reply<Result<(), String>>>,
     stop_waiters: Vec<Reply<StopOutcome>>,
+    /// Set by the first Stop: from then on nothing starts Postgres again (a restart that
+    /// overlaps a shutdown must not resurrect it).
+    shutting_down: bool,
+    /// A reload arrived while starting: signal it once ready.
+    reload_when_ready: bool,
 }
 
 impl Actor {
@@ -248,7 +255,7 @@ impl Actor {
                     }
                     return;
                 }
-                Event::Exited(status) => self.on_exit(status),
+                Event::Exited(status) => self.on_exit(status).await,
                 Event::Ready => self.on_ready(),
                 Event::Timer => self.on_timer(),
             }
@@ -297,6 +304,15 @@ impl Actor {
     }
 
     async fn handle(&mut self, cmd: Command) {
+        if self.shutting_down {
+            match cmd {
+                Command::Start(reply) | Command::Restart(reply) => {
+                    let _ = reply.send(Err("pgwarden is shutting down".into()));
+                    return;
+                }
+                _ => {}
+            }
+        }
         match cmd {
             Command::Start(reply) => match self.phase {
                 Phase::Running => {
@@ -315,6 +331,11 @@ impl Actor {
                 }
             },
             Command::Stop(mode, reply) => {
+                self.shutting_down = true;
+                self.fail_start_waiters("stopped on request");
+                if let Phase::Stopping { then_start, .. } = &mut self.phase {
+                    *then_start = false;
+                }
                 if self.child.is_none() {
                     // Nothing runs: cancel any pending restart.
                     self.phase = Phase::Stopped;
@@ -363,10 +384,16 @@ impl Actor {
             }
         }
         self.render()?;
-        match &self.child {
-            Some(c) => kill(c.pid, Signal::SIGHUP)
+        match (&self.child, &self.phase) {
+            (Some(c), Phase::Running) => kill(c.pid, Signal::SIGHUP)
                 .map_err(|e| format!("cannot signal the postmaster: {e}")),
-            None => Ok(()),
+            // A postmaster that has not installed its handlers yet dies of SIGHUP; it reads
+            // the files rendered now, and gets a SIGHUP once ready in case it read them early.
+            (Some(_), Phase::Starting { .. }) => {
+                self.reload_when_ready = true;
+                Ok(())
+            }
+            _ => Ok(()),
         }
     }
 
@@ -442,6 +469,11 @@ impl Actor {
     fn on_ready(&mut self) {
         // Startup chatter is no longer relevant to a later crash report.
         self.log.clear_recent();
+        if std::mem::take(&mut self.reload_when_ready) {
+            if let Some(c) = &self.child {
+                let _ = kill(c.pid, Signal::SIGHUP);
+            }
+        }
         self.phase = Phase::Running;
         let pid = self.pid();
         self.status.send_modify(|s| {
@@ -484,7 +516,7 @@ impl Actor {
             mode,
             killed: false,
             deadline: Some(Instant::now() + self.timeout(mode)),
-            then_start: then_start || restart,
+            then_start: (then_start || restart) && !self.shutting_down,
         };
         self.publish(State::Stopping {
             pid: pid.as_raw(),
@@ -535,8 +567,11 @@ impl Actor {
         }
     }
 
-    fn on_exit(&mut self, status: ExitStatus) {
+    async fn on_exit(&mut self, status: ExitStatus) {
         self.child = None;
+        // Let the log pumps drain Postgres's last words (its final FATAL usually comes after
+        // the exit is noticed) so that reports and the shutdown log carry them.
+        tokio::time::sleep(Duration::from_millis(150)).await;
         match std::mem::replace(&mut self.phase, Phase::Stopped) {
             Phase::Stopping {
                 mode,
@@ -554,7 +589,7 @@ impl Actor {
                     let _ = w.send(outcome);
                 }
                 self.publish(State::Stopped);
-                if then_start {
+                if then_start && !self.shutting_down {
                     self.start();
                 }
             }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod apiserver;
+pub mod wal;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;

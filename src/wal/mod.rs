@@ -1,0 +1,613 @@
+//! WAL archiving and restore.
+//!
+//! Postgres calls `archive_command` for one segment at a time; when every call waits on a
+//! remote store, WAL piles up in `pg_wal`. pgwarden's archiver (in `pgwarden run`) watches
+//! `pg_wal/archive_status/*.ready` and uploads ahead with N parallel workers, so that when
+//! Postgres runs `pgwarden wal-archive %p` the segment is usually archived already and the
+//! answer is immediate; a requested segment that is not done yet jumps the queue. During
+//! recovery `pgwarden wal-restore %f %p` asks the same daemon, which prefetches the next
+//! segments in parallel into a spool directory. Without a daemon to talk to, both commands do
+//! the work themselves.
+//!
+//! | module | role |
+//! |---|---|
+//! | [`names`] | WAL file names: kinds, order, next segment (pure) |
+//! | [`format`] | the self-verifying object format: header with SHA-256, zstd/gzip/none (pure) |
+//! | [`store`] | `object_store` wrapper: filesystem and S3, create-only uploads, timeouts |
+//! | [`socket`] | the local request/response protocol over a unix socket |
+//! | [`archiver`] | the upload-ahead daemon: queue, workers, retries, drain, status |
+//! | [`restore`] | fetch + verify + spool, prefetch, and the hand-over to Postgres |
+//! | [`commands`] | the `wal-archive` / `wal-restore` subcommands Postgres runs |
+
+pub mod archiver;
+pub mod commands;
+pub mod format;
+pub mod names;
+pub mod restore;
+pub mod socket;
+pub mod store;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus::{exponential_buckets, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::{Config, PostgresConfig, S3Config, WalConfig};
+use crate::metrics::families::Sample;
+use crate::metrics::Metrics;
+use crate::monitor::Observation;
+use crate::postgres::conf::ArchiveCommands;
+use format::Compression;
+
+/// Everything `wal-archive` / `wal-restore` need, resolved by `pgwarden run` and written to
+/// [`settings_path`] (no secrets: credentials come from the environment or a mounted Secret).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    pub destination: String,
+    pub compression: Compression,
+    pub parallelism: usize,
+    pub upload_ahead: bool,
+    pub prefetch: usize,
+    pub data_dir: PathBuf,
+    pub spool_dir: PathBuf,
+    pub socket: PathBuf,
+    #[serde(with = "humantime_serde")]
+    pub io_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    pub s3: S3Config,
+}
+
+/// `<run_dir>/wal/`: the socket and the settings file.
+pub fn run_subdir(run_dir: &Path) -> PathBuf {
+    run_dir.join("wal")
+}
+
+pub fn settings_path(run_dir: &Path) -> PathBuf {
+    run_subdir(run_dir).join("settings.json")
+}
+
+impl Settings {
+    /// The settings for `wal` (the configuration file's, or the spec's layered over it);
+    /// `None` when archiving is off.
+    pub fn resolve(wal: &WalConfig, pg: &PostgresConfig) -> Option<Settings> {
+        let destination = wal.destination.clone().filter(|d| !d.is_empty())?;
+        let spool_dir = wal.spool_dir.clone().unwrap_or_else(|| {
+            pg.data_dir
+                .parent()
+                .map(|p| p.join("pgwarden-wal-spool"))
+                .unwrap_or_else(|| run_subdir(&pg.run_dir).join("spool"))
+        });
+        Some(Settings {
+            destination,
+            compression: wal.compression,
+            parallelism: wal.parallelism.max(1) as usize,
+            upload_ahead: wal.upload_ahead,
+            prefetch: wal.prefetch as usize,
+            data_dir: pg.data_dir.clone(),
+            spool_dir,
+            socket: run_subdir(&pg.run_dir).join("archiver.sock"),
+            io_timeout: wal.io_timeout,
+            command_timeout: wal.command_timeout,
+            retry_initial: wal.retry_initial,
+            retry_max: wal.retry_max,
+            drain_timeout: wal.drain_timeout,
+            s3: wal.s3.clone(),
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<Settings, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("{} is not valid: {e}", path.display()))
+    }
+
+    /// Writes the settings file atomically (mode 0600: only pgwarden's user runs the
+    /// commands).
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("tmp");
+        let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    }
+
+    pub fn open_store(&self) -> Result<store::Store, String> {
+        store::Store::open(&self.destination, &self.s3, self.io_timeout)
+    }
+}
+
+impl WalConfig {
+    /// Checks the `[wal]` section; errors name the key below `wal.`.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let key = |k: &str, m: String| Err((k.to_string(), m));
+        if let Some(d) = &self.destination {
+            if !d.is_empty() {
+                if let Err(e) = store::parse_destination(d) {
+                    return key("destination", e);
+                }
+            }
+        }
+        if !(1..=64).contains(&self.parallelism) {
+            return key("parallelism", "must be between 1 and 64".into());
+        }
+        if self.prefetch > 64 {
+            return key("prefetch", "must be at most 64".into());
+        }
+        for (k, d) in [
+            ("io_timeout", self.io_timeout),
+            ("command_timeout", self.command_timeout),
+            ("retry_initial", self.retry_initial),
+        ] {
+            if d.is_zero() {
+                return key(k, "must be greater than zero".into());
+            }
+        }
+        if self.retry_max < self.retry_initial {
+            return key(
+                "retry_max",
+                "must not be shorter than wal.retry_initial".into(),
+            );
+        }
+        if let Some(p) = &self.spool_dir {
+            if !p.is_absolute() {
+                return key(
+                    "spool_dir",
+                    format!("{} must be an absolute path", p.display()),
+                );
+            }
+        }
+        if let Some(e) = &self.s3.endpoint {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return key(
+                    "s3.endpoint",
+                    format!("{e:?} must be an http:// or https:// URL"),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Quotes a word for `/bin/sh` and escapes `%` for Postgres's command templates.
+fn shell_word(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''").replace('%', "%%"))
+}
+
+/// The archive_command and restore_command pgwarden renders, calling this very binary.
+pub fn commands(binary: &Path, settings_file: &Path) -> ArchiveCommands {
+    let bin = shell_word(&binary.to_string_lossy());
+    let settings = shell_word(&settings_file.to_string_lossy());
+    ArchiveCommands {
+        archive_command: format!("{bin} wal-archive --settings {settings} %p"),
+        restore_command: format!("{bin} wal-restore --settings {settings} %f %p"),
+    }
+}
+
+/// The binary Postgres should run: this process's own executable. When the file was
+/// replaced since (an upgrade in place), Linux reports it as "<path> (deleted)": the path
+/// itself then holds the new binary, which is the one to run.
+pub fn own_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("pgwarden"));
+    match exe.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
+        Some(p) => PathBuf::from(p),
+        None => exe,
+    }
+}
+
+/// pgwarden's own WAL counters and histogram (registered only when the daemon runs).
+#[derive(Clone)]
+pub struct WalMetrics {
+    pub archived: IntCounter,
+    pub archived_bytes: IntCounter,
+    pub uploaded_bytes: IntCounter,
+    pub failures: IntCounterVec,
+    pub upload_seconds: Histogram,
+    pub restored: IntCounter,
+    pub restore_failures: IntCounterVec,
+    pub prefetch_hits: IntCounter,
+}
+
+impl WalMetrics {
+    pub fn new(registry: &Metrics) -> prometheus::Result<WalMetrics> {
+        let m = WalMetrics {
+            archived: IntCounter::new(
+                "pgwarden_wal_archived_segments_total",
+                "WAL files confirmed in the archive by pgwarden (uploaded, or found identical)",
+            )?,
+            archived_bytes: IntCounter::new(
+                "pgwarden_wal_archived_bytes_total",
+                "Uncompressed bytes of the WAL files uploaded",
+            )?,
+            uploaded_bytes: IntCounter::new(
+                "pgwarden_wal_uploaded_bytes_total",
+                "Bytes sent to the archive (after compression)",
+            )?,
+            failures: IntCounterVec::new(
+                Opts::new(
+                    "pgwarden_wal_archive_failures_total",
+                    "Failed archive attempts, by reason (error, conflict)",
+                ),
+                &["reason"],
+            )?,
+            upload_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "pgwarden_wal_upload_duration_seconds",
+                    "Time to archive one WAL file: read, compress, check, upload",
+                )
+                .buckets(exponential_buckets(0.005, 2.0, 14)?),
+            )?,
+            restored: IntCounter::new(
+                "pgwarden_wal_restored_segments_total",
+                "WAL files handed to Postgres from the archive",
+            )?,
+            restore_failures: IntCounterVec::new(
+                Opts::new(
+                    "pgwarden_wal_restore_failures_total",
+                    "Failed restores, by reason (error, corrupt)",
+                ),
+                &["reason"],
+            )?,
+            prefetch_hits: IntCounter::new(
+                "pgwarden_wal_prefetch_hits_total",
+                "Restores answered by a prefetch (spooled, or already downloading)",
+            )?,
+        };
+        registry.register(Box::new(m.archived.clone()))?;
+        registry.register(Box::new(m.archived_bytes.clone()))?;
+        registry.register(Box::new(m.uploaded_bytes.clone()))?;
+        registry.register(Box::new(m.failures.clone()))?;
+        registry.register(Box::new(m.upload_seconds.clone()))?;
+        registry.register(Box::new(m.restored.clone()))?;
+        registry.register(Box::new(m.restore_failures.clone()))?;
+        registry.register(Box::new(m.prefetch_hits.clone()))?;
+        Ok(m)
+    }
+}
+
+/// What the daemon knows, for `/pg/status`, metrics and the condition.
+#[derive(Debug, Clone, Default)]
+pub struct WalState {
+    pub settings: Option<Arc<Settings>>,
+    /// Files waiting for an upload (or a retry) by pgwarden.
+    pub queued: u64,
+    pub in_flight: u64,
+    pub archived: u64,
+    pub failures: u64,
+    pub conflicts: u64,
+    pub last_archived: Option<(String, Instant)>,
+    /// Files whose last attempt failed, with the error of the oldest one.
+    pub failing: u64,
+    pub last_error: Option<(String, String, Instant)>,
+    /// Set while a refused (different content) file is waiting.
+    pub conflict: Option<String>,
+    pub restored: u64,
+    pub restore_failures: u64,
+    pub last_restore_error: Option<(String, String, Instant)>,
+}
+
+/// The `wal` part of `/pg/status`.
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+pub struct WalDoc {
+    /// Whether archiving is configured.
+    pub enabled: bool,
+    pub destination: Option<String>,
+    pub compression: Option<String>,
+    pub parallelism: Option<usize>,
+    /// `ok`, `failing` (an upload failed and waits for a retry), `conflict` (the archive holds
+    /// different content under a name) or `off`.
+    pub state: String,
+    pub queued: u64,
+    pub in_flight: u64,
+    pub archived_segments: u64,
+    pub failures: u64,
+    pub conflicts: u64,
+    pub last_archived_wal: Option<String>,
+    pub last_archived_age_seconds: Option<f64>,
+    pub last_failed_wal: Option<String>,
+    pub last_error: Option<String>,
+    pub last_error_age_seconds: Option<f64>,
+    pub restored_segments: u64,
+    pub restore_failures: u64,
+    pub last_restore_error: Option<String>,
+}
+
+impl WalState {
+    pub fn state(&self) -> &'static str {
+        if self.settings.is_none() {
+            "off"
+        } else if self.conflict.is_some() {
+            "conflict"
+        } else if self.failing > 0 {
+            "failing"
+        } else {
+            "ok"
+        }
+    }
+
+    pub fn doc(&self) -> WalDoc {
+        let s = self.settings.as_deref();
+        WalDoc {
+            enabled: s.is_some(),
+            destination: s.map(|s| s.destination.clone()),
+            compression: s.map(|s| s.compression.as_str().to_string()),
+            parallelism: s.map(|s| s.parallelism),
+            state: self.state().to_string(),
+            queued: self.queued,
+            in_flight: self.in_flight,
+            archived_segments: self.archived,
+            failures: self.failures,
+            conflicts: self.conflicts,
+            last_archived_wal: self.last_archived.as_ref().map(|(n, _)| n.clone()),
+            last_archived_age_seconds: self
+                .last_archived
+                .as_ref()
+                .map(|(_, t)| t.elapsed().as_secs_f64()),
+            last_failed_wal: self.last_error.as_ref().map(|(n, _, _)| n.clone()),
+            last_error: self.last_error.as_ref().map(|(_, e, _)| e.clone()),
+            last_error_age_seconds: self
+                .last_error
+                .as_ref()
+                .map(|(_, _, t)| t.elapsed().as_secs_f64()),
+            restored_segments: self.restored,
+            restore_failures: self.restore_failures,
+            last_restore_error: self
+                .last_restore_error
+                .as_ref()
+                .map(|(n, e, _)| format!("{n}: {e}")),
+        }
+    }
+
+    /// Gauges computed at scrape time.
+    pub fn samples(&self) -> Vec<Sample> {
+        if self.settings.is_none() {
+            return Vec::new();
+        }
+        let mut out = vec![
+            Sample::gauge(
+                "pgwarden_wal_queued_segments",
+                "WAL files waiting for an upload or a retry by pgwarden",
+                self.queued as f64,
+            ),
+            Sample::gauge(
+                "pgwarden_wal_uploads_in_flight",
+                "Uploads running now",
+                self.in_flight as f64,
+            ),
+            Sample::gauge(
+                "pgwarden_wal_archive_failing",
+                "1 while an upload failed and waits for a retry (or the archive refused it)",
+                f64::from(u8::from(self.failing > 0 || self.conflict.is_some())),
+            ),
+        ];
+        if let Some((_, t)) = &self.last_archived {
+            out.push(Sample::gauge(
+                "pgwarden_wal_last_archive_age_seconds",
+                "Seconds since pgwarden last archived a WAL file successfully",
+                t.elapsed().as_secs_f64(),
+            ));
+        }
+        out
+    }
+}
+
+/// The running daemon.
+#[derive(Clone)]
+pub struct Handle {
+    pub state: watch::Receiver<WalState>,
+    settings: watch::Sender<Option<Arc<Settings>>>,
+    drain: mpsc::Sender<(Duration, oneshot::Sender<u64>)>,
+    run_dir: PathBuf,
+}
+
+impl Handle {
+    /// Replaces the settings (the spec's `walArchive` over the file's); `None` turns the
+    /// archiver off. The settings file the commands read is rewritten first.
+    pub fn set(&self, settings: Option<Settings>) {
+        let path = settings_path(&self.run_dir);
+        match &settings {
+            Some(s) => {
+                if let Err(e) = s.write(&path) {
+                    tracing::error!(error = %e, path = %path.display(), "cannot write the WAL settings file");
+                }
+            }
+            None => {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        self.settings.send_if_modified(|cur| {
+            let new = settings.map(Arc::new);
+            if *cur == new {
+                return false;
+            }
+            *cur = new;
+            true
+        });
+    }
+
+    pub fn settings(&self) -> Option<Arc<Settings>> {
+        self.settings.borrow().clone()
+    }
+
+    /// After Postgres stopped: uploads what is still waiting, for at most the drain timeout.
+    /// Returns how many files are still not archived.
+    pub async fn drain(&self) -> u64 {
+        let Some(timeout) = self.settings().map(|s| s.drain_timeout) else {
+            return 0;
+        };
+        let (tx, rx) = oneshot::channel();
+        if self.drain.send((timeout, tx)).await.is_err() {
+            return 0;
+        }
+        tokio::time::timeout(timeout + Duration::from_secs(1), rx)
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .unwrap_or(0)
+    }
+}
+
+/// Whether the daemon should run: archiving configured, or a PostgresCluster that may
+/// configure it.
+pub fn wanted(config: &Config) -> bool {
+    config
+        .wal
+        .destination
+        .as_deref()
+        .is_some_and(|d| !d.is_empty())
+        || config.kubernetes.cluster.is_some()
+}
+
+/// Starts the socket server, the archiver and the restorer.
+pub fn start(
+    config: &Config,
+    metrics: &Metrics,
+    observation: watch::Receiver<Observation>,
+) -> anyhow::Result<Handle> {
+    let pg = &config.postgres;
+    let settings = Settings::resolve(&config.wal, pg);
+    let wal_metrics = WalMetrics::new(metrics)?;
+    let (settings_tx, settings_rx) = watch::channel(None);
+    let (state_tx, state_rx) = watch::channel(WalState::default());
+    let (drain_tx, drain_rx) = mpsc::channel(1);
+    let (calls_tx, mut calls_rx) = mpsc::channel::<socket::Call>(256);
+    let (archive_tx, archive_rx) = mpsc::channel(256);
+    let (restore_tx, restore_rx) = mpsc::channel(256);
+    let handle = Handle {
+        state: state_rx,
+        settings: settings_tx,
+        drain: drain_tx,
+        run_dir: pg.run_dir.clone(),
+    };
+    handle.set(settings);
+    let socket_path = run_subdir(&pg.run_dir).join("archiver.sock");
+    socket::serve(&socket_path, calls_tx, config.wal.command_timeout)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", socket_path.display()))?;
+    tokio::spawn(async move {
+        while let Some((req, reply)) = calls_rx.recv().await {
+            let to = match &req {
+                socket::Request::Archive { .. } => archive_tx.send((req, reply)).await,
+                socket::Request::Restore { .. } => restore_tx.send((req, reply)).await,
+            };
+            if to.is_err() {
+                break;
+            }
+        }
+    });
+    tokio::spawn(
+        archiver::Archiver::new(
+            pg.data_dir.clone(),
+            settings_rx.clone(),
+            state_tx.clone(),
+            wal_metrics.clone(),
+            observation,
+        )
+        .run(archive_rx, drain_rx),
+    );
+    tokio::spawn(restore::Restorer::new(settings_rx, state_tx, wal_metrics).run(restore_rx));
+    tracing::info!(socket = %socket_path.display(), "WAL archiver listening");
+    Ok(handle)
+}
+
+/// Keeps the instance condition `WALArchiving` in line with the archiver's state.
+pub fn report_condition(mut state: watch::Receiver<WalState>, k: Arc<crate::k8s::Shared>) {
+    tokio::spawn(async move {
+        let mut last: Option<(bool, String, String)> = None;
+        loop {
+            let now = {
+                let s = state.borrow_and_update();
+                match s.state() {
+                    "off" => None,
+                    "ok" => Some((
+                        true,
+                        "Archiving".to_string(),
+                        "WAL archiving works".to_string(),
+                    )),
+                    "conflict" => Some((
+                        false,
+                        "ArchiveConflict".to_string(),
+                        s.conflict.clone().unwrap_or_default(),
+                    )),
+                    _ => Some((
+                        false,
+                        "ArchiveFailing".to_string(),
+                        s.last_error
+                            .as_ref()
+                            .map(|(n, e, _)| format!("{n}: {e}"))
+                            .unwrap_or_default(),
+                    )),
+                }
+            };
+            if let Some(c) = &now {
+                if last.as_ref() != Some(c) {
+                    k.set_condition("WALArchiving", c.0, &c.1, &c.2, None);
+                }
+            }
+            last = now;
+            // At most one update per second: a failing destination changes errors often.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if state.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_quote_for_shell_and_postgres() {
+        let c = commands(
+            Path::new("/usr/local/bin/pgwarden"),
+            Path::new("/run/it's 100%/wal/settings.json"),
+        );
+        assert_eq!(
+            c.archive_command,
+            "'/usr/local/bin/pgwarden' wal-archive --settings '/run/it'\\''s 100%%/wal/settings.json' %p"
+        );
+        assert!(c.restore_command.ends_with(" %f %p"));
+    }
+
+    #[test]
+    fn settings_resolve_and_validate() {
+        let mut wal = WalConfig::default();
+        let pg = PostgresConfig::default();
+        assert!(Settings::resolve(&wal, &pg).is_none());
+        wal.destination = Some("s3://bucket/x".into());
+        let s = Settings::resolve(&wal, &pg).unwrap();
+        assert_eq!(s.parallelism, 4);
+        assert_eq!(
+            s.spool_dir,
+            PathBuf::from("/var/lib/postgresql/data/pgwarden-wal-spool")
+        );
+        assert_eq!(s.socket, PathBuf::from("/run/pgwarden/wal/archiver.sock"));
+        assert!(wal.validate().is_ok());
+        wal.parallelism = 0;
+        assert_eq!(wal.validate().unwrap_err().0, "parallelism");
+        wal.parallelism = 4;
+        wal.destination = Some("ftp://x".into());
+        assert_eq!(wal.validate().unwrap_err().0, "destination");
+    }
+}
