@@ -503,7 +503,9 @@ fn apply_env(
 ) -> Result<(), ConfigError> {
     let mut vars: Vec<(String, String)> = env
         .into_iter()
-        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !RESERVED_ENV.contains(&k.as_str()))
+        .filter(|(k, _)| {
+            k.starts_with(ENV_PREFIX) && !RESERVED_ENV.contains(&k.as_str()) && !is_service_link(k)
+        })
         .collect();
     vars.sort();
     for (var, raw) in vars {
@@ -534,6 +536,26 @@ fn apply_env(
         node.insert(last.clone(), value);
     }
     Ok(())
+}
+
+/// Variables Kubernetes injects for a Service whose name starts with `pgwarden`
+/// (`PGWARDEN_SERVICE_HOST`, `PGWARDEN_PORT_8000_TCP_ADDR`, ...). Configuration keys never look
+/// like these: nested keys use a double underscore, and no key is named `service_*` or `port_*`.
+fn is_service_link(var: &str) -> bool {
+    if var.contains("__") {
+        return false;
+    }
+    let rest = &var[ENV_PREFIX.len()..];
+    let parts: Vec<&str> = rest.split('_').collect();
+    parts
+        .windows(2)
+        .any(|w| w[0] == "SERVICE" && (w[1] == "HOST" || w[1] == "PORT"))
+        || parts.last() == Some(&"PORT")
+        || parts.iter().position(|p| *p == "PORT").is_some_and(|i| {
+            parts
+                .get(i + 1)
+                .is_some_and(|n| n.chars().all(|c| c.is_ascii_digit()))
+        })
 }
 
 fn parse_env_value(raw: &str) -> toml::Value {
@@ -584,6 +606,26 @@ mod tests {
             Some(&ParamValue::Str("64MB".into()))
         );
         assert_eq!(c.shutdown.smart_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn kubernetes_service_links_are_not_configuration() {
+        let c = load(
+            "instance_name = \"pg-0\"",
+            &[
+                ("PGWARDEN_SERVICE_HOST", "10.0.0.1"),
+                ("PGWARDEN_SERVICE_PORT", "8000"),
+                ("PGWARDEN_PORT", "tcp://10.0.0.1:8000"),
+                ("PGWARDEN_PORT_8000_TCP_ADDR", "10.0.0.1"),
+                ("PGWARDEN_RW_SERVICE_HOST", "10.0.0.2"),
+            ],
+        );
+        assert!(c.is_ok(), "{c:?}");
+        assert!(load(
+            "instance_name = \"pg-0\"",
+            &[("PGWARDEN_POSTGRES__PORT", "x")]
+        )
+        .is_err());
     }
 
     #[test]

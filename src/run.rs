@@ -164,6 +164,7 @@ pub async fn run(opts: Options) -> anyhow::Result<i32> {
 
     let mut signals = Signals::install()?;
     let mut reloader = Reloader {
+        kubernetes: config.kubernetes.cluster.is_some(),
         current: config.clone(),
         path: opts.config_path,
     };
@@ -242,10 +243,15 @@ async fn shutdown(
     let Some(mut outcome) = postmaster.begin_stop(mode).await else {
         return EXIT_UNCLEAN_STOP;
     };
+    let mut current = mode;
     let result = loop {
         tokio::select! {
             r = &mut outcome => break r,
-            _ = signals.int.recv() => { let _ = postmaster.begin_stop(StopMode::Fast).await; }
+            _ = signals.int.recv() => {
+                // Each SIGINT escalates one step: smart -> fast -> immediate.
+                current = if current == StopMode::Smart { StopMode::Fast } else { StopMode::Immediate };
+                let _ = postmaster.begin_stop(current).await;
+            }
             _ = signals.quit.recv() => { let _ = postmaster.begin_stop(StopMode::Immediate).await; }
             _ = signals.term.recv() => tracing::info!("already shutting down"),
             _ = signals.hup.recv() => tracing::info!("shutting down; reload ignored"),
@@ -289,6 +295,8 @@ impl Signals {
 struct Reloader {
     current: Config,
     path: Option<PathBuf>,
+    /// With Kubernetes the PostgresCluster owns the Postgres settings.
+    kubernetes: bool,
 }
 
 impl Reloader {
@@ -309,6 +317,8 @@ impl Reloader {
             ("postgres.run_dir", settings.run_dir != old.run_dir),
             ("postgres.bin_dir", settings.bin_dir != old.bin_dir),
             ("postgres.superuser", settings.superuser != old.superuser),
+            // The monitor, the Kubernetes tasks and the WAL commands connect to this port.
+            ("postgres.port", settings.port != old.port),
         ];
         for (key, changed) in fixed {
             if changed {
@@ -322,6 +332,7 @@ impl Reloader {
         settings.run_dir = old.run_dir.clone();
         settings.bin_dir = old.bin_dir.clone();
         settings.superuser = old.superuser.clone();
+        settings.port = old.port;
         settings.archive = old.archive.clone();
         if new.wal != self.current.wal {
             tracing::warn!("changes of [wal] need a restart of pgwarden; ignored");
@@ -332,18 +343,30 @@ impl Reloader {
         {
             tracing::warn!("changes outside [postgres] need a restart of pgwarden; ignored");
         }
-        // Postgres reads its listen settings at start only.
-        let needs_restart =
-            settings.port != old.port || settings.listen_addresses != old.listen_addresses;
-        let result = if needs_restart {
-            tracing::info!("listen settings changed; restarting postgres");
-            match postmaster.reload(Some(settings.clone())).await {
-                Ok(()) => postmaster.restart().await,
-                Err(e) => Err(e),
+        if self.kubernetes {
+            // The PostgresCluster layers its parameters over these settings; rendering the file
+            // alone would drop them. Re-render what runs and let Postgres re-read it.
+            tracing::warn!(
+                "postgres settings come from the PostgresCluster; SIGHUP only reloads them"
+            );
+            if let Err(e) = postmaster.reload(None).await {
+                tracing::error!(error = %e, "reload failed");
             }
-        } else {
-            postmaster.reload(Some(settings.clone())).await
-        };
+            return;
+        }
+        // Postgres reads listen_addresses at start only.
+        let needs_restart = settings.listen_addresses != old.listen_addresses;
+        let result = postmaster.reload(Some(settings.clone())).await;
+        if result.is_ok() && needs_restart {
+            // In the background: signals must stay handled while Postgres restarts.
+            tracing::info!("listen_addresses changed; restarting postgres");
+            let pm = postmaster.clone();
+            tokio::spawn(async move {
+                if let Err(e) = pm.restart().await {
+                    tracing::error!(error = %e, "restart for the new listen_addresses failed");
+                }
+            });
+        }
         match result {
             Ok(()) => {
                 tracing::info!("configuration reloaded");

@@ -103,14 +103,15 @@ async fn endpoints_answer_for_each_state() {
     assert_eq!(http_get(sp, "/primary").unwrap().0, 503);
     let (_, doc) = http_json(sp, "/pg/status");
     assert_eq!(doc["health"], "restarting");
-    assert_eq!(doc["postmaster"]["crashes"], 1);
+    // A restart attempt may fail once more while the killed postmaster's children exit.
+    assert!(doc["postmaster"]["crashes"].as_u64().unwrap() >= 1, "{doc}");
     assert!(doc["postgres"].is_null());
     validate_status(&doc);
 
     // Back after the backoff (crash recovery, then ready).
     wait_http(sp, "/readyz", 200, LONG);
     let (_, doc) = http_json(sp, "/pg/status");
-    assert_eq!(doc["postmaster"]["starts"], 2);
+    assert!(doc["postmaster"]["starts"].as_u64().unwrap() >= 2, "{doc}");
 
     // Stopping: a smart shutdown held by a client.
     let idle = sb.wait_client(LONG).await;
@@ -282,7 +283,9 @@ primary_only:
 #[tokio::test]
 async fn probes_and_scrapes_open_no_new_backends() {
     let mut sb = Sandbox::new();
-    sb.extra = format!("{FAST_MONITOR}metrics_ttl = \"50ms\"\n");
+    // A query timeout long enough that a loaded machine never makes the monitor reconnect.
+    sb.extra =
+        "[monitor]\ninterval = \"300ms\"\nquery_timeout = \"5s\"\nmetrics_ttl = \"50ms\"\n".into();
     let _warden = sb.start();
     wait_http(sb.status_port, "/readyz", 200, LONG);
     let client = sb.wait_client(LONG).await;

@@ -452,6 +452,33 @@ async fn sighup_applies_a_changed_parameter_and_keeps_the_last_good_configuratio
         "16MB"
     );
 
+    // A pg_hba rule Postgres cannot load is refused too, and the file on disk stays good.
+    sb.extra = "[postgres.parameters]\nwork_mem = \"16MB\"\n".into();
+    let good_hba = std::fs::read_to_string(sb.data_dir().join("pg_hba.conf")).unwrap();
+    let config = sb.config();
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "[postgres]\n",
+        "[postgres]\npg_hba = [\"host all all 10.0.0.0/99 scram-sha-256\"]\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let before = warden.lines().len();
+    warden.signal(Signal::SIGHUP);
+    let deadline = std::time::Instant::now() + LONG;
+    while !warden.lines()[before..]
+        .iter()
+        .any(|l| l.contains("reload failed"))
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", warden.output());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = warden.lines()[before..].join("\n");
+    assert!(out.contains("pg_hba.conf line"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(sb.data_dir().join("pg_hba.conf")).unwrap(),
+        good_hba
+    );
+    assert!(sb.client().await.is_ok());
+
     // A broken file is refused; the running configuration stays.
     std::fs::write(
         sb.dir.path().join("pgwarden.toml"),

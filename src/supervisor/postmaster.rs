@@ -380,7 +380,15 @@ impl Actor {
                     &candidate,
                 )
                 .await?;
-                self.spec.settings = *settings;
+                let previous = std::mem::replace(&mut self.spec.settings, *settings);
+                if previous.pg_hba != self.spec.settings.pg_hba {
+                    if let Err(e) = self.check_hba().await {
+                        // Put the last good files back before anyone reads the bad ones.
+                        self.spec.settings = previous;
+                        self.render()?;
+                        return Err(e);
+                    }
+                }
             }
         }
         self.render()?;
@@ -395,6 +403,50 @@ impl Actor {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Writes the candidate files and asks the running server whether it accepts the new
+    /// pg_hba.conf (`pg_hba_file_rules` parses the file on disk); `postgres -C` does not read
+    /// it. Without a running server there is nobody to ask: the next start reports an error.
+    async fn check_hba(&self) -> Result<(), String> {
+        if !matches!(self.phase, Phase::Running) {
+            return Ok(());
+        }
+        self.render()?;
+        let s = &self.spec.settings;
+        let target = crate::postgres::connect::Target {
+            socket_dir: &s.run_dir,
+            port: s.port,
+            user: &s.superuser,
+            dbname: "postgres",
+            application_name: "pgwarden",
+            statement_timeout: Duration::from_secs(5),
+        };
+        let conn = crate::postgres::connect::connect_timeout(&target)
+            .await
+            .map_err(|e| format!("cannot check pg_hba.conf: {e}"))?;
+        let rows = tokio::time::timeout(
+            Duration::from_secs(5),
+            conn.query(
+                "SELECT line_number, error FROM pg_hba_file_rules WHERE error IS NOT NULL ORDER BY 1",
+                &[],
+            ),
+        )
+        .await
+        .map_err(|_| "checking pg_hba.conf timed out".to_string())?
+        .map_err(|e| format!("cannot check pg_hba.conf: {e}"))?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let problems: Vec<String> = rows
+            .iter()
+            .map(|r| {
+                let line: Option<i32> = r.try_get(0).ok();
+                let error: String = r.try_get(1).unwrap_or_default();
+                format!("pg_hba.conf line {}: {error}", line.unwrap_or(0))
+            })
+            .collect();
+        Err(problems.join("; "))
     }
 
     fn render(&self) -> Result<(), String> {
