@@ -208,6 +208,26 @@ const NS: &str = "default";
 const CLUSTER: &str = "pg";
 const BUCKET: &str = "pgwarden-test";
 
+/// Standard base64, enough for test credentials.
+fn base64(s: &str) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in s.as_bytes().chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, &c)| acc | (u32::from(c) << (16 - 8 * i)));
+        for i in 0..4 {
+            out.push(if i <= chunk.len() {
+                T[((n >> (18 - 6 * i)) & 63) as usize] as char
+            } else {
+                '='
+            });
+        }
+    }
+    out
+}
+
 fn seed(server: &ApiServer, pod: &str) {
     for name in ["pg-superuser", "pg-replication"] {
         server.create(json!({
@@ -252,17 +272,27 @@ async fn archives_to_s3_and_survives_the_destination_going_down() {
     };
     let mut sb = Sandbox::new();
     let mut s3 = S3Server::start(&bin, &sb.dir.path().join("s3"), BUCKET);
-    let creds = support::wal::credentials_dir(&sb);
     let server = ApiServer::start();
     seed(&server, "pg-0");
+    // The credentials come from a Secret named in the spec, read through the API.
+    server.create(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "pg-wal-s3", "namespace": NS},
+        "data": {
+            "AWS_ACCESS_KEY_ID": base64(support::wal::S3_KEY),
+            "AWS_SECRET_ACCESS_KEY": base64(support::wal::S3_SECRET),
+        }
+    }));
+    server.update_with("pgwarden.dev/v1", "postgresclusters", NS, CLUSTER, |c| {
+        c["spec"]["walArchive"] = json!({"s3": {"credentialsSecret": "pg-wal-s3"}});
+    });
     sb.extra = wal_extra(
         &format!("s3://{BUCKET}/cluster-a"),
         &format!(
-            "[wal.s3]\nendpoint = \"{}\"\nallow_http = true\ncredentials_dir = \"{}\"\n\
+            "[wal.s3]\nendpoint = \"{}\"\nallow_http = true\n\
              [kubernetes]\ncluster = \"{CLUSTER}\"\nnamespace = \"{NS}\"\npod_name = \"pg-0\"\n\
              status_interval = \"1s\"\napi_timeout = \"2s\"\n",
             s3.endpoint(),
-            creds.display()
         ),
     );
     let kubeconfig = server.kubeconfig(sb.dir.path(), "pg-0");

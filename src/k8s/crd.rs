@@ -87,11 +87,21 @@ pub struct WalS3Spec {
     /// Allow a plain http:// endpoint.
     #[serde(default)]
     pub allow_http: Option<bool>,
+    /// A Secret in the cluster's namespace with the keys `AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY` and optionally `AWS_SESSION_TOKEN`. pgwarden reads it through
+    /// the API, keeps a private copy for the archive commands, and follows its rotations.
+    #[serde(default)]
+    pub credentials_secret: Option<String>,
 }
 
 impl WalArchiveSpec {
-    /// `base` (pgwarden's `[wal]`) with the fields this spec sets.
-    pub fn apply(&self, base: &crate::config::WalConfig) -> crate::config::WalConfig {
+    /// `base` (pgwarden's `[wal]`) with the fields this spec sets. Credentials from a Secret
+    /// are read from `credentials_dir`, where pgwarden keeps its copy of them.
+    pub fn apply(
+        &self,
+        base: &crate::config::WalConfig,
+        credentials_dir: &std::path::Path,
+    ) -> crate::config::WalConfig {
         let mut w = base.clone();
         if let Some(d) = &self.destination {
             w.destination = Some(d.clone()).filter(|d| !d.is_empty());
@@ -114,6 +124,9 @@ impl WalArchiveSpec {
             }
             if let Some(a) = s3.allow_http {
                 w.s3.allow_http = a;
+            }
+            if s3.credentials_secret.is_some() {
+                w.s3.credentials_dir = Some(credentials_dir.to_path_buf());
             }
         }
         w
@@ -359,7 +372,13 @@ pub fn validate(spec: &PostgresClusterSpec) -> Result<(), Vec<String>> {
         ));
     }
     if let Some(w) = &spec.wal_archive {
-        if let Err((key, reason)) = w.apply(&crate::config::WalConfig::default()).validate() {
+        if let Err((key, reason)) = w
+            .apply(
+                &crate::config::WalConfig::default(),
+                std::path::Path::new("/"),
+            )
+            .validate()
+        {
             problems.push(format!("spec.walArchive.{key}: {reason}"));
         }
     }
@@ -455,10 +474,10 @@ mod tests {
         v["walArchive"] = json!({"destination": "s3://bkt/pg", "parallelism": 8, "s3": {"endpoint": "http://minio:9000", "allowHttp": true}});
         let spec = parse_spec(&v).unwrap();
         assert!(validate(&spec).is_ok());
-        let w = spec
-            .wal_archive
-            .unwrap()
-            .apply(&crate::config::WalConfig::default());
+        let w = spec.wal_archive.unwrap().apply(
+            &crate::config::WalConfig::default(),
+            std::path::Path::new("/run/creds"),
+        );
         assert_eq!(w.destination.as_deref(), Some("s3://bkt/pg"));
         assert_eq!(w.parallelism, 8);
         assert_eq!(w.prefetch, 8);

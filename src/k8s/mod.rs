@@ -13,6 +13,7 @@ mod queries;
 mod reconcile;
 mod report;
 mod secrets;
+pub mod wal_credentials;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -197,6 +198,7 @@ pub async fn start(s: Start) -> anyhow::Result<Option<Arc<Shared>>> {
     let events = events::Events::new(client.clone(), &shared.identity, k.api_timeout);
     let (secrets_tx, secrets_rx) = watch::channel(None);
     let (queries_tx, queries_rx) = watch::channel(None);
+    let (wal_creds_tx, wal_creds_rx) = watch::channel(None);
 
     tokio::spawn(
         reconcile::Reconciler {
@@ -207,6 +209,7 @@ pub async fn start(s: Start) -> anyhow::Result<Option<Arc<Shared>>> {
             postmaster: s.postmaster.clone(),
             secrets: secrets_tx,
             queries: queries_tx,
+            wal_credentials: wal_creds_tx,
             max_standby_lag: s.max_standby_lag,
             default_max_standby_lag: s.config.probes.max_standby_lag_bytes,
             wal: s.wal.clone(),
@@ -225,6 +228,15 @@ pub async fn start(s: Start) -> anyhow::Result<Option<Arc<Shared>>> {
             observation: s.observation.clone(),
         }
         .run(secrets_rx),
+    );
+    tokio::spawn(
+        wal_credentials::WalCredentialsTask {
+            client: client.clone(),
+            shared: shared.clone(),
+            events: events.clone(),
+            dir: wal_credentials::dir(&s.base.run_dir),
+        }
+        .run(wal_creds_rx),
     );
     tokio::spawn(
         queries::QueriesTask {

@@ -33,6 +33,8 @@ pub struct Reconciler {
     pub postmaster: postmaster::Handle,
     pub secrets: watch::Sender<Option<SecretsSpec>>,
     pub queries: watch::Sender<Option<KeyRef>>,
+    /// The Secret with the WAL archive's S3 credentials, for its follower.
+    pub wal_credentials: watch::Sender<Option<String>>,
     pub max_standby_lag: watch::Sender<Option<u64>>,
     pub default_max_standby_lag: Option<u64>,
     /// The WAL archiver and pgwarden's own `[wal]` settings, which `spec.walArchive` layers on.
@@ -105,6 +107,13 @@ impl Reconciler {
         send_if_changed(&self.secrets, Some(spec.secrets.clone()));
         send_if_changed(&self.queries, spec.monitoring.custom_queries.clone());
         send_if_changed(
+            &self.wal_credentials,
+            spec.wal_archive
+                .as_ref()
+                .and_then(|w| w.s3.as_ref())
+                .and_then(|s3| s3.credentials_secret.clone()),
+        );
+        send_if_changed(
             &self.max_standby_lag,
             spec.probes
                 .max_standby_lag_bytes
@@ -128,7 +137,10 @@ impl Reconciler {
         // WAL archiving: the daemon takes the layered settings; Postgres gets the commands
         // (archive_mode needs a restart, which the pending-restart logic below applies).
         let wal = match &spec.wal_archive {
-            Some(w) => w.apply(&self.base_wal),
+            Some(w) => w.apply(
+                &self.base_wal,
+                &super::wal_credentials::dir(&self.base.run_dir),
+            ),
             None => self.base_wal.clone(),
         };
         let settings = crate::wal::Settings::resolve(&wal, &s);

@@ -162,6 +162,8 @@ pub struct Archiver {
     data_dir: PathBuf,
     settings: watch::Receiver<Option<Arc<Settings>>>,
     current: Option<(Arc<Settings>, Result<Store, String>)>,
+    /// When an unusable destination is tried again.
+    store_retry_at: Option<Instant>,
     state: watch::Sender<WalState>,
     metrics: WalMetrics,
     observation: watch::Receiver<Observation>,
@@ -194,6 +196,7 @@ impl Archiver {
             data_dir,
             settings,
             current: None,
+            store_retry_at: None,
             state,
             metrics,
             observation,
@@ -253,6 +256,25 @@ impl Archiver {
         }
     }
 
+    /// A destination that could not be opened (credentials not written yet, a Secret being
+    /// rotated) is tried again every few seconds instead of staying unusable until the next
+    /// configuration change.
+    fn retry_unusable_store(&mut self) {
+        const RETRY: Duration = Duration::from_secs(3);
+        let Some((settings, Err(_))) = &self.current else {
+            return;
+        };
+        if self.store_retry_at.is_some_and(|t| t > Instant::now()) {
+            return;
+        }
+        self.store_retry_at = Some(Instant::now() + RETRY);
+        if let Ok(store) = settings.open_store() {
+            tracing::info!(destination = %store.url, "WAL archive destination usable now");
+            let settings = settings.clone();
+            self.current = Some((settings, Ok(store)));
+        }
+    }
+
     /// Whether this instance archives ahead: a primary (a standby's WAL is the primary's to
     /// archive; Postgres with archive_mode = on asks nothing of a standby).
     fn primary(&self) -> bool {
@@ -268,6 +290,7 @@ impl Archiver {
         if self.current.is_none() {
             return;
         }
+        self.retry_unusable_store();
         let upload_ahead = self.current.as_ref().is_some_and(|(s, _)| s.upload_ahead);
         let ahead = upload_ahead && (self.draining.is_some() || self.primary());
         let dir = self.data_dir.join("pg_wal/archive_status");

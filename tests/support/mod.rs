@@ -42,10 +42,17 @@ pub fn binary() -> PathBuf {
         if pg_user().is_none() {
             return built;
         }
-        // One shared place, replaced atomically, so test runs leave no copies behind.
-        let dir = std::env::temp_dir().join("pgwarden-test-bin");
+        // One place per build directory, replaced atomically: repeated runs leave no copies
+        // behind, and two checkouts testing at once never run each other's binary.
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        built.hash(&mut h);
+        let top = std::env::temp_dir().join("pgwarden-test-bin");
+        let dir = top.join(format!("{:016x}", h.finish()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for d in [&top, &dir] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
         let copy = dir.join("pgwarden");
         let staging = dir.join(format!("pgwarden.{}", std::process::id()));
         std::fs::copy(&built, &staging).unwrap();
