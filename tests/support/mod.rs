@@ -208,6 +208,15 @@ pub struct Warden {
 
 impl Warden {
     pub fn spawn(mut cmd: Command) -> Warden {
+        // pgwarden takes every PGWARDEN_* variable for a configuration key: only those the test
+        // sets may reach it, never whatever the environment running the tests has.
+        let explicit: Vec<std::ffi::OsString> =
+            cmd.get_envs().map(|(k, _)| k.to_os_string()).collect();
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("PGWARDEN_") && !explicit.contains(&key) {
+                cmd.env_remove(key);
+            }
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
