@@ -517,7 +517,9 @@ fn apply_env(
             return Err(ConfigError::key(var, "malformed variable name"));
         }
         let value = parse_env_value(&raw);
-        let (last, parents) = path.split_last().expect("split of a non-empty string");
+        let Some((last, parents)) = path.split_last() else {
+            return Err(ConfigError::key(var, "malformed variable name"));
+        };
         let mut node = &mut *table;
         for (depth, part) in parents.iter().enumerate() {
             let entry = node
