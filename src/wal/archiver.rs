@@ -334,24 +334,9 @@ impl Archiver {
             });
             return;
         };
-        if names::kind(&name).is_none() {
-            let _ = reply.send(Response::Failed {
-                error: format!("{name:?} is not a WAL file name"),
-            });
+        if let Err(error) = super::serviceable(&name, &self.current) {
+            let _ = reply.send(Response::Failed { error });
             return;
-        }
-        match &self.current {
-            None => {
-                let _ = reply.send(Response::Failed {
-                    error: "WAL archiving is not configured".into(),
-                });
-                return;
-            }
-            Some((_, Err(e))) => {
-                let _ = reply.send(Response::Failed { error: e.clone() });
-                return;
-            }
-            Some(_) => {}
         }
         let entry = self.entries.entry(key(&name)).or_insert_with(|| Entry {
             path: path.clone(),

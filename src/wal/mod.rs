@@ -573,6 +573,22 @@ pub fn report_condition(mut state: watch::Receiver<WalState>, k: Arc<crate::k8s:
     });
 }
 
+/// The checks both daemons make before serving a command: a WAL file name, and a usable
+/// destination. `Err` is the answer to send back.
+pub(crate) fn serviceable<S>(
+    name: &str,
+    current: &Option<(S, Result<store::Store, String>)>,
+) -> Result<(), String> {
+    if names::kind(name).is_none() {
+        return Err(format!("{name:?} is not a WAL file name"));
+    }
+    match current {
+        None => Err("WAL archiving is not configured".into()),
+        Some((_, Err(e))) => Err(e.clone()),
+        Some(_) => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

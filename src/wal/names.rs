@@ -5,13 +5,13 @@
 /// What a file in `pg_wal` is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    /// `TTTTTTTTXXXXXXXXYYYYYYYY`: timeline, log and segment number in hex.
+    /// 24 hex digits: timeline, log and segment number, 8 each.
     Segment,
     /// `TTTTTTTT.history`: a timeline's history, written at promotion.
     History,
     /// `<segment>.partial`: the last, incomplete segment of the old timeline after promotion.
     Partial,
-    /// `<segment>.XXXXXXXX.backup`: a base backup's label.
+    /// `<segment>.<8 hex digits>.backup`: a base backup's label.
     Backup,
 }
 

@@ -158,24 +158,9 @@ impl Restorer {
             });
             return;
         };
-        if names::kind(&name).is_none() {
-            let _ = reply.send(Response::Failed {
-                error: format!("{name:?} is not a WAL file name"),
-            });
+        if let Err(error) = super::serviceable(&name, &self.current) {
+            let _ = reply.send(Response::Failed { error });
             return;
-        }
-        match &self.current {
-            None => {
-                let _ = reply.send(Response::Failed {
-                    error: "WAL archiving is not configured".into(),
-                });
-                return;
-            }
-            Some((_, Err(e))) => {
-                let _ = reply.send(Response::Failed { error: e.clone() });
-                return;
-            }
-            Some(_) => {}
         }
         if let Some(path) = self.spooled(&name) {
             self.metrics.prefetch_hits.inc();
