@@ -137,6 +137,14 @@ async fn show(port: u16, password: &str, param: &str) -> Option<String> {
     Some(row.get(0))
 }
 
+/// Waits until `SHOW param` answers `value` (the superuser's password is the test default).
+async fn wait_show(port: u16, param: &str, value: &str) {
+    eventually(&format!("{param} = {value}"), LONG, async || {
+        (show(port, support::PASSWORD, param).await? == value).then_some(())
+    })
+    .await;
+}
+
 /// Event notes with `reason` (events.k8s.io/v1).
 fn events(server: &ApiServer, reason: &str) -> Vec<String> {
     server
@@ -161,18 +169,12 @@ async fn spec_parameters_are_applied_rejected_with_postgres_message_and_restarte
     let port = sb.port;
     let pw = support::PASSWORD;
 
-    eventually("work_mem 8MB", LONG, async || {
-        (show(port, pw, "work_mem").await? == "8MB").then_some(())
-    })
-    .await;
+    wait_show(port, "work_mem", "8MB").await;
 
     set_spec(&server, |s| {
         s["postgresql"]["parameters"]["work_mem"] = json!("16MB")
     });
-    eventually("work_mem 16MB", LONG, async || {
-        (show(port, pw, "work_mem").await? == "16MB").then_some(())
-    })
-    .await;
+    wait_show(port, "work_mem", "16MB").await;
     eventually("ConfigApplied for generation 2", LONG, async || {
         let c = condition(&server, "pg-0", "ConfigApplied");
         (c["status"] == "True" && c["observedGeneration"] == 2).then_some(())
@@ -211,10 +213,7 @@ async fn spec_parameters_are_applied_rejected_with_postgres_message_and_restarte
     set_spec(&server, |s| {
         s["postgresql"]["parameters"] = json!({"work_mem": "16MB", "shared_buffers": "64MB"})
     });
-    eventually("shared_buffers 64MB", LONG, async || {
-        (show(port, pw, "shared_buffers").await? == "64MB").then_some(())
-    })
-    .await;
+    wait_show(port, "shared_buffers", "64MB").await;
     assert_ne!(
         sb.postmaster_pid().unwrap(),
         pid_before,
@@ -323,10 +322,7 @@ async fn api_outage_keeps_postgres_serving_and_changes_made_meanwhile_are_caught
     let mut sb = Sandbox::new();
     let _w = start(&mut sb, &server, "pg-0", "");
     let (port, pw) = (sb.port, support::PASSWORD);
-    eventually("work_mem 8MB", LONG, async || {
-        (show(port, pw, "work_mem").await? == "8MB").then_some(())
-    })
-    .await;
+    wait_show(port, "work_mem", "8MB").await;
 
     server.outage(true);
     let started = Instant::now();
@@ -354,10 +350,7 @@ async fn api_outage_keeps_postgres_serving_and_changes_made_meanwhile_are_caught
     assert_eq!(show(port, pw, "work_mem").await.unwrap(), "8MB");
     server.outage(false);
 
-    eventually("work_mem 32MB after the outage", LONG, async || {
-        (show(port, pw, "work_mem").await? == "32MB").then_some(())
-    })
-    .await;
+    wait_show(port, "work_mem", "32MB").await;
     let n: i64 = client
         .query_one("SELECT count(*) FROM during_outage", &[])
         .await
@@ -379,10 +372,7 @@ async fn api_outage_keeps_postgres_serving_and_changes_made_meanwhile_are_caught
     });
     tokio::time::sleep(Duration::from_secs(2)).await;
     server.set_fault("pg-0", Fault::None);
-    eventually("work_mem 48MB after the relist", LONG, async || {
-        (show(port, pw, "work_mem").await? == "48MB").then_some(())
-    })
-    .await;
+    wait_show(port, "work_mem", "48MB").await;
     assert!(
         server.count("pg-0", "list", "postgresclusters") > lists_before,
         "a relist happened"
@@ -462,10 +452,7 @@ async fn bad_spec_input_is_rejected_and_nothing_running_is_disturbed() {
     let mut sb = Sandbox::new();
     let _w = start(&mut sb, &server, "pg-0", "");
     let (port, pw) = (sb.port, support::PASSWORD);
-    eventually("work_mem 8MB", LONG, async || {
-        (show(port, pw, "work_mem").await? == "8MB").then_some(())
-    })
-    .await;
+    wait_show(port, "work_mem", "8MB").await;
     let pid = sb.postmaster_pid().unwrap();
 
     let cases: Vec<(SpecEdit, &str)> = vec![
