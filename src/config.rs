@@ -82,6 +82,9 @@ pub struct PostgresConfig {
     /// is configured (never from the file).
     #[serde(skip)]
     pub archive: Option<crate::postgres::conf::ArchiveCommands>,
+    /// Streaming and synchronous replication, owned by the HA elector (never from the file).
+    #[serde(skip)]
+    pub replication: crate::postgres::conf::Replication,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -158,8 +161,12 @@ pub struct KubernetesConfig {
     pub namespace: Option<String>,
     /// Default: the `POD_NAME` environment variable (downward API), else `instance_name`.
     pub pod_name: Option<String>,
-    /// Address advertised in the status. Default: the `POD_IP` environment variable.
+    /// The pod's IP. Default: the `POD_IP` environment variable.
     pub pod_ip: Option<String>,
+    /// Host the other instances reach this one at (its Postgres and status ports are
+    /// advertised with it), e.g. the StatefulSet DNS name `$(POD_NAME).<headless service>`.
+    /// Default: the pod IP.
+    pub advertise_address: Option<String>,
     /// The instance's status entry is refreshed at least this often (and on every change).
     #[serde(with = "humantime_serde")]
     pub status_interval: Duration,
@@ -247,6 +254,7 @@ impl Default for KubernetesConfig {
             namespace: None,
             pod_name: None,
             pod_ip: None,
+            advertise_address: None,
             status_interval: Duration::from_secs(5),
             api_timeout: Duration::from_secs(5),
         }
@@ -324,6 +332,7 @@ impl Default for PostgresConfig {
             parameters: BTreeMap::new(),
             pg_hba: Vec::new(),
             archive: None,
+            replication: Default::default(),
         }
     }
 }

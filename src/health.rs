@@ -30,10 +30,12 @@ pub enum Health {
     Failed,
     /// pgwarden's own monitoring loop missed its deadline.
     Wedged,
+    /// Held stopped by fencing (manual, or a primary that lost its Lease): alive, not ready.
+    Fenced,
 }
 
 impl Health {
-    pub const ALL: [Health; 10] = [
+    pub const ALL: [Health; 11] = [
         Health::Initializing,
         Health::Starting,
         Health::CrashRecovery,
@@ -44,6 +46,7 @@ impl Health {
         Health::Stopped,
         Health::Failed,
         Health::Wedged,
+        Health::Fenced,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +61,7 @@ impl Health {
             Health::Stopped => "stopped",
             Health::Failed => "failed",
             Health::Wedged => "wedged",
+            Health::Fenced => "fenced",
         }
     }
 
@@ -70,7 +74,8 @@ impl Health {
     /// (initdb, crash recovery) runs, so that it does not get the container killed.
     pub fn started(self, ever_ready: bool) -> bool {
         match self {
-            Health::Initializing | Health::CrashRecovery => true,
+            // Fenced on purpose: restarting the container would not unfence it.
+            Health::Initializing | Health::CrashRecovery | Health::Fenced => true,
             Health::Failed | Health::Wedged => false,
             _ => ever_ready,
         }
@@ -94,6 +99,7 @@ impl Assessor {
     ) -> Health {
         assess(&Inputs {
             postmaster: &status.state,
+            fenced: status.fenced,
             monitor_heartbeat: observation.heartbeat,
             monitor_refreshed: observation.refreshed,
             now: Instant::now(),
@@ -106,6 +112,8 @@ impl Assessor {
 /// What the health is derived from.
 pub struct Inputs<'a> {
     pub postmaster: &'a Postmaster,
+    /// Held stopped by fencing.
+    pub fenced: bool,
     /// When the monitoring loop last ran (its heartbeat).
     pub monitor_heartbeat: Instant,
     /// When the monitoring loop last read Postgres successfully.
@@ -142,6 +150,7 @@ pub fn assess(i: &Inputs<'_>) -> Health {
         }
         Postmaster::Restarting { .. } => Health::Restarting,
         Postmaster::Stopping { .. } => Health::Stopping,
+        Postmaster::Stopped if i.fenced => Health::Fenced,
         Postmaster::Stopped => Health::Stopped,
         Postmaster::Failed { .. } => Health::Failed,
     }
@@ -156,6 +165,7 @@ mod tests {
         let now = Instant::now() + Duration::from_secs(1000);
         assess(&Inputs {
             postmaster: &pm,
+            fenced: false,
             monitor_heartbeat: now - Duration::from_secs(heartbeat_ago),
             monitor_refreshed: refreshed_ago.map(|s| now - Duration::from_secs(s)),
             now,
@@ -232,6 +242,7 @@ mod tests {
         let pm = Postmaster::Running { pid: 1, since: now };
         let h = assess(&Inputs {
             postmaster: &pm,
+            fenced: false,
             monitor_heartbeat: now,
             monitor_refreshed: None,
             now,
@@ -250,5 +261,30 @@ mod tests {
         assert!(!Health::Starting.started(false));
         assert!(Health::Stopping.started(true));
         assert!(!Health::Failed.started(true));
+        assert!(Health::Fenced.live() && Health::Fenced.started(true));
+    }
+
+    #[test]
+    fn fencing_shows_once_stopped() {
+        let now = Instant::now();
+        let at = |pm: Postmaster| {
+            assess(&Inputs {
+                postmaster: &pm,
+                fenced: true,
+                monitor_heartbeat: now,
+                monitor_refreshed: None,
+                now,
+                heartbeat_deadline: Duration::from_secs(20),
+                freshness: Duration::from_secs(6),
+            })
+        };
+        assert_eq!(at(Postmaster::Stopped), Health::Fenced);
+        assert_eq!(
+            at(Postmaster::Stopping {
+                pid: 7,
+                mode: StopMode::Fast
+            }),
+            Health::Stopping
+        );
     }
 }

@@ -10,6 +10,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::ha;
 use crate::health;
 use crate::http;
 use crate::k8s;
@@ -98,14 +99,22 @@ pub async fn run(opts: Options) -> anyhow::Result<i32> {
     let binaries = Binaries::locate(&reaper, pg.bin_dir.as_deref(), preferred).await?;
     tracing::info!(bin_dir = %binaries.dir.display(), version = %binaries.version, "using PostgreSQL");
     let _ = version_tx.send(binaries.version.clone());
+    // With Kubernetes the HA elector decides what an empty volume becomes (the first instance
+    // initialises the cluster, the others clone it) and in which role Postgres starts.
+    let ha = config.kubernetes.cluster.is_some();
     match found {
+        DataDir::Empty if ha => {
+            tracing::info!("empty data directory: the elector initialises or clones it")
+        }
         DataDir::Empty => datadir::initdb(&reaper, &binaries, pg).await?,
         DataDir::Cluster { major } => {
             datadir::check_version(&pg.data_dir, major, &binaries)?;
             tracing::info!(data_dir = %pg.data_dir.display(), "using the existing cluster");
         }
     }
-    datadir::ensure_mode(&pg.data_dir)?;
+    if !matches!(found, DataDir::Empty) || !ha {
+        datadir::ensure_mode(&pg.data_dir)?;
+    }
 
     std::fs::create_dir_all(&pg.run_dir)
         .with_context(|| format!("cannot create run directory {}", pg.run_dir.display()))?;
@@ -130,7 +139,7 @@ pub async fn run(opts: Options) -> anyhow::Result<i32> {
 
     let spec = postmaster::Spec {
         settings: pg_settings.clone(),
-        binaries,
+        binaries: binaries.clone(),
         os_user: os_user_name(),
         shutdown: config.shutdown.clone(),
         supervision: config.supervision.clone(),
@@ -148,19 +157,32 @@ pub async fn run(opts: Options) -> anyhow::Result<i32> {
         wal: wal.clone(),
     })
     .await?;
+    let mut elector = None;
     if let Some(k) = kubernetes {
         if let Some(w) = &wal {
             wal::report_condition(w.state.clone(), k.clone());
         }
+        elector = Some(ha::start(ha::Start {
+            config: &config,
+            shared: k.clone(),
+            postmaster: postmaster.clone(),
+            status: status_rx.clone(),
+            observation: state.inner.monitor.observation.clone(),
+            assessor,
+            pg: pg_settings.clone(),
+            binaries,
+            reaper: reaper.clone(),
+        }));
         let _ = state.inner.kubernetes.set(k);
+    } else {
+        // Not awaited: signals must be handled while Postgres starts (or recovers).
+        let starter = postmaster.clone();
+        tokio::spawn(async move {
+            if let Err(e) = starter.start().await {
+                tracing::warn!(error = %e, "first start did not succeed");
+            }
+        });
     }
-    // Not awaited: signals must be handled while Postgres starts (or recovers).
-    let starter = postmaster.clone();
-    tokio::spawn(async move {
-        if let Err(e) = starter.start().await {
-            tracing::warn!(error = %e, "first start did not succeed");
-        }
-    });
 
     let mut signals = Signals::install()?;
     let mut reloader = Reloader {
@@ -168,7 +190,15 @@ pub async fn run(opts: Options) -> anyhow::Result<i32> {
         current: config.clone(),
         path: opts.config_path,
     };
-    let code = supervise(&postmaster, &reaper, status_rx, &mut signals, &mut reloader).await;
+    let code = supervise(
+        &postmaster,
+        &reaper,
+        status_rx,
+        &mut signals,
+        &mut reloader,
+        elector,
+    )
+    .await;
     // Postgres has stopped (its own archiver ran until the end, served by the daemon): upload
     // what is still waiting, bounded by wal.drain_timeout.
     if let Some(w) = &wal {
@@ -212,10 +242,16 @@ async fn supervise(
     mut status: watch::Receiver<Status>,
     signals: &mut Signals,
     reloader: &mut Reloader,
+    elector: Option<tokio::sync::mpsc::Sender<crate::ha::elector::Command>>,
 ) -> anyhow::Result<i32> {
     loop {
         tokio::select! {
-            _ = signals.term.recv() => return Ok(shutdown(postmaster, reaper, StopMode::Smart, signals).await),
+            _ = signals.term.recv() => {
+                if let Some(e) = &elector {
+                    hand_over(e).await;
+                }
+                return Ok(shutdown(postmaster, reaper, StopMode::Smart, signals).await);
+            }
             _ = signals.int.recv() => return Ok(shutdown(postmaster, reaper, StopMode::Fast, signals).await),
             _ = signals.quit.recv() => return Ok(shutdown(postmaster, reaper, StopMode::Immediate, signals).await),
             _ = signals.hup.recv() => reloader.reload(postmaster).await,
@@ -231,6 +267,24 @@ async fn supervise(
         }
     }
 }
+
+/// Before a SIGTERM stops Postgres, a primary passes its role to the best standby (no
+/// waiting for the Lease to expire); bounded, so the pod's grace period is kept.
+async fn hand_over(elector: &tokio::sync::mpsc::Sender<crate::ha::elector::Command>) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if elector
+        .send(crate::ha::elector::Command::Shutdown(tx))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    if tokio::time::timeout(HAND_OVER_TIMEOUT, rx).await.is_err() {
+        tracing::warn!("handing over took too long; stopping anyway");
+    }
+}
+
+const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Orderly shutdown; a further SIGINT or SIGQUIT escalates.
 async fn shutdown(

@@ -126,7 +126,8 @@ async fn a_partitioned_leader_passes_its_deadline_before_followers_see_expiry() 
             sync: decide::Sync::Off,
             max_lag_bytes: None,
             max_local_restarts: 3,
-            instances: 2,
+            has_data: true,
+            initialized: true,
         });
         if matches!(decision, decide::Action::Fence(_)) && fenced_at.is_none() {
             fenced_at = Some(started.elapsed());

@@ -63,15 +63,23 @@ pub struct Peer {
     pub healthy: bool,
     pub fenced: bool,
     pub replica: bool,
+    /// Its elector reports it as the primary: promoted, checkpointed, holding the Lease.
+    pub primary: bool,
     /// The newest WAL position it has (received or replayed).
     pub lsn: Option<Lsn>,
+    /// How far it has replayed (a promotion must replay the rest first).
+    pub replayed: Option<Lsn>,
 }
 
 /// Synchronous replication as published in the Lease.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Sync {
+    #[default]
     Off,
-    Quorum { number: usize, set: Vec<String> },
+    Quorum {
+        number: usize,
+        set: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,8 +102,10 @@ pub struct Observed {
     pub max_lag_bytes: Option<u64>,
     /// Local restarts allowed before the leader gives the Lease up.
     pub max_local_restarts: u32,
-    /// `spec.instances`: bootstrapping needs an answer from every one of them.
-    pub instances: usize,
+    /// The local data directory holds a cluster.
+    pub has_data: bool,
+    /// The cluster was initialised before (its status names a primary): never initdb again.
+    pub initialized: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,8 +133,12 @@ pub enum Action {
     /// Holding the Lease with Postgres stopped (before the first start, after a restart of
     /// pgwarden): start it as the primary.
     StartPrimary,
-    /// No Lease and no data anywhere: this instance bootstraps the cluster.
+    /// No Lease, a cluster never initialised, no local data: take the Lease (creating it,
+    /// which only one instance can) and initialise the cluster.
     Bootstrap,
+    /// Nobody leads and Postgres is stopped here with data: start it as a standby (streaming
+    /// from nobody) to learn its WAL position and compete.
+    StartStandby,
 }
 
 pub fn decide(o: &Observed) -> Action {
@@ -197,19 +211,57 @@ pub fn decide(o: &Observed) -> Action {
         return Action::Wait("the API server is unreachable".into());
     }
     // The Lease is absent or expired.
-    // Only when every instance of the cluster answered and none has data: an instance that is
-    // down may hold the only copy.
-    if o.lease == Lease::Absent
-        && o.local == Local::Stopped
-        && o.peers.len() >= o.instances
-        && o.peers.iter().all(|p| p.lsn.is_none())
-    {
-        return Action::Bootstrap;
+    if !o.has_data {
+        // Creating the Lease is the race only one instance wins; the cluster's status keeps a
+        // later instance with an empty volume from initialising a second, divergent cluster
+        // should the Lease ever be deleted.
+        if o.lease == Lease::Absent && !o.initialized && o.local == Local::Stopped {
+            return Action::Bootstrap;
+        }
+        return Action::Wait("no data here: waiting for a primary to clone".into());
+    }
+    if o.local == Local::Stopped {
+        return Action::StartStandby;
     }
     match candidacy(o) {
         Ok(()) => Action::Acquire,
         Err(reason) => Action::Wait(reason),
     }
+}
+
+/// Whether `target` may receive the primary role in a planned switchover: a healthy, unfenced
+/// standby at most `max_lag` bytes behind the primary's position.
+pub fn switchover_check(
+    target: &str,
+    peers: &[Peer],
+    primary_lsn: Option<Lsn>,
+    max_lag: u64,
+) -> Result<(), String> {
+    let p = peers
+        .iter()
+        .find(|p| p.name == target)
+        .ok_or_else(|| format!("{target} did not answer"))?;
+    if p.fenced {
+        return Err(format!("{target} is fenced"));
+    }
+    if !p.healthy {
+        return Err(format!("{target} is not healthy"));
+    }
+    if !p.replica {
+        return Err(format!("{target} is not a standby"));
+    }
+    let lsn = p
+        .lsn
+        .ok_or_else(|| format!("{target}'s WAL position is unknown"))?;
+    if let Some(own) = primary_lsn {
+        let lag = own.bytes_after(lsn);
+        if lag > max_lag {
+            return Err(format!(
+                "{target} is {lag} bytes behind (at most {max_lag} allowed): not caught up"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Whether this instance is the one that should take an expired Lease.
@@ -223,6 +275,10 @@ fn candidacy(o: &Observed) -> Result<(), String> {
         return Err("not healthy".into());
     }
     let my_lsn = me.lsn.ok_or("my WAL position is unknown")?;
+    // Lag counts what this standby still has to replay to reach the most advanced position
+    // known: a standby far behind in replay would take long to promote (or, with its
+    // receiver cut, misses data).
+    let my_replayed = me.replayed.unwrap_or(my_lsn);
     let eligible: Vec<&Peer> = o
         .peers
         .iter()
@@ -251,7 +307,7 @@ fn candidacy(o: &Observed) -> Result<(), String> {
                 .max_by(|a, b| a.lsn.cmp(&b.lsn).then_with(|| b.name.cmp(&a.name)))
                 .ok_or("no eligible standby")?;
             if let (Some(max), Some(best_lsn)) = (o.max_lag_bytes, best.lsn) {
-                let lag = best_lsn.bytes_after(my_lsn);
+                let lag = best_lsn.bytes_after(my_replayed);
                 if lag > max {
                     return Err(format!(
                         "{lag} bytes behind the most advanced standby (max {max})"
@@ -278,7 +334,9 @@ mod tests {
             healthy: true,
             fenced: false,
             replica: true,
+            primary: false,
             lsn: Some(Lsn(lsn)),
+            replayed: Some(Lsn(lsn)),
         }
     }
 
@@ -299,7 +357,8 @@ mod tests {
             sync: Sync::Off,
             max_lag_bytes: None,
             max_local_restarts: 3,
-            instances: 3,
+            has_data: true,
+            initialized: true,
         }
     }
 
@@ -377,6 +436,9 @@ mod tests {
             ("expired: lagging behind a reachable better peer",
                 Observed { lease: expired(), max_lag_bytes: Some(5), ..base("c") },
                 Action::Wait("10 bytes behind the most advanced standby (max 5)".into())),
+            ("expired: most advanced received, but replay far behind",
+                Observed { lease: expired(), peers: vec![Peer { replayed: Some(Lsn(20)), ..peer("b", 100) }, peer("c", 90)], max_lag_bytes: Some(50), ..base("b") },
+                Action::Wait("80 bytes behind the most advanced standby (max 50)".into())),
             ("expired quorum: in S, heard enough, most advanced",
                 Observed { lease: expired(), sync: Sync::Quorum { number: 1, set: vec!["b".into(), "c".into()] }, ..base("b") },
                 Action::Acquire),
@@ -386,12 +448,27 @@ mod tests {
             ("expired quorum: too few heard",
                 Observed { lease: expired(), peers: vec![peer("b", 100)], sync: Sync::Quorum { number: 1, set: vec!["b".into(), "c".into()] }, ..base("b") },
                 Action::Wait("heard from 1 of the synchronous set, need 2 to be sure no acknowledged commit is missing".into())),
-            ("absent lease and no data anywhere: bootstrap",
-                Observed { lease: Lease::Absent, local: Local::Stopped, peers: vec![Peer { lsn: None, ..peer("b", 0) }], following: None, instances: 1, ..base("b") },
+            ("absent lease, new cluster, empty volume: bootstrap",
+                Observed { lease: Lease::Absent, local: Local::Stopped, has_data: false, initialized: false, following: None, ..base("b") },
                 Action::Bootstrap),
-            ("absent lease, an instance not heard from: no bootstrap",
-                Observed { lease: Lease::Absent, local: Local::Stopped, peers: vec![Peer { lsn: None, ..peer("b", 0) }], following: None, ..base("b") },
-                Action::Wait("my WAL position is unknown".into())),
+            ("absent lease but the cluster was initialised: never initdb again",
+                Observed { lease: Lease::Absent, local: Local::Stopped, has_data: false, following: None, ..base("b") },
+                Action::Wait("no data here: waiting for a primary to clone".into())),
+            ("expired lease, empty volume: wait for a primary",
+                Observed { lease: expired(), local: Local::Stopped, has_data: false, initialized: false, following: None, ..base("b") },
+                Action::Wait("no data here: waiting for a primary to clone".into())),
+            ("held lease, empty volume: follow (clone)",
+                Observed { local: Local::Stopped, has_data: false, following: None, ..base("b") },
+                Action::Follow { primary: "a".into() }),
+            ("expired lease, stopped with data: start as a standby to compete",
+                Observed { lease: expired(), local: Local::Stopped, following: None, ..base("b") },
+                Action::StartStandby),
+            ("released lease counts as expired",
+                Observed { lease: Lease::Held { holder: String::new(), unchanged_for: Duration::MAX }, ..base("b") },
+                Action::Acquire),
+            ("crashed standby does not compete",
+                Observed { lease: expired(), local: Local::Crashed { crashes: 1 }, peers: vec![Peer { healthy: false, ..peer("b", 100) }, peer("c", 90)], ..base("b") },
+                Action::Wait("not healthy".into())),
             ("absent lease with data: the most advanced takes it",
                 Observed { lease: Lease::Absent, ..base("b") },
                 Action::Acquire),
@@ -399,5 +476,35 @@ mod tests {
         for (name, observed, want) in cases {
             assert_eq!(decide(&observed), want, "{name}");
         }
+    }
+
+    #[test]
+    fn switchover_targets() {
+        let peers = vec![
+            peer("b", 100),
+            Peer {
+                fenced: true,
+                ..peer("c", 100)
+            },
+            Peer {
+                healthy: false,
+                ..peer("d", 100)
+            },
+            Peer {
+                replica: false,
+                ..peer("e", 100)
+            },
+            peer("f", 10),
+        ];
+        let check = |t: &str| switchover_check(t, &peers, Some(Lsn(120)), 50);
+        assert_eq!(check("b"), Ok(()));
+        assert_eq!(check("c"), Err("c is fenced".into()));
+        assert_eq!(check("d"), Err("d is not healthy".into()));
+        assert_eq!(check("e"), Err("e is not a standby".into()));
+        assert_eq!(
+            check("f"),
+            Err("f is 110 bytes behind (at most 50 allowed): not caught up".into())
+        );
+        assert_eq!(check("x"), Err("x did not answer".into()));
     }
 }

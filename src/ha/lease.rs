@@ -17,6 +17,10 @@ use kube::Api;
 
 use super::decide::{self, Timings};
 
+/// Lease annotations with the synchronous set the holder relies on (see `quorum`).
+pub const SYNC_NUMBER: &str = "pgwarden.dev/sync-number";
+pub const SYNC_SET: &str = "pgwarden.dev/sync-standbys";
+
 /// What was last observed of the Lease.
 #[derive(Debug, Clone)]
 struct Seen {
@@ -130,6 +134,16 @@ impl LeaseClient {
         }
     }
 
+    /// The Lease's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Adopts new timings (the spec changed).
+    pub fn set_timings(&mut self, timings: Timings) {
+        self.timings = timings;
+    }
+
     /// Time since the last successful renewal was sent (leader only).
     pub fn since_renew(&self) -> Option<Duration> {
         self.renewed_at.map(|t| t.elapsed())
@@ -183,8 +197,69 @@ impl LeaseClient {
         self.settle(result, sent)
     }
 
-    /// Renews the Lease this instance holds, at the observed resourceVersion.
-    pub async fn renew(&mut self) -> Result<bool, LeaseError> {
+    /// The synchronous set the holder published in the Lease (annotations), as last observed.
+    pub fn published_sync(&self) -> decide::Sync {
+        let annotations = self
+            .seen
+            .as_ref()
+            .and_then(|s| s.lease.metadata.annotations.as_ref());
+        let get = |k: &str| annotations.and_then(|a| a.get(k));
+        match (get(SYNC_NUMBER), get(SYNC_SET)) {
+            (Some(n), Some(set)) => match (n.parse(), serde_json::from_str(set)) {
+                (Ok(number), Ok(set)) => decide::Sync::Quorum { number, set },
+                // Unreadable: a quorum nobody can satisfy, so nobody promotes on a guess.
+                _ => decide::Sync::Quorum {
+                    number: 0,
+                    set: Vec::new(),
+                },
+            },
+            _ => decide::Sync::Off,
+        }
+    }
+
+    /// Renews the Lease and publishes `sync` in it (the holder's synchronous set).
+    pub async fn renew_publishing(&mut self, sync: &decide::Sync) -> Result<bool, LeaseError> {
+        self.write_own(|lease| {
+            let annotations = lease
+                .metadata
+                .annotations
+                .get_or_insert_with(Default::default);
+            match sync {
+                decide::Sync::Off => {
+                    annotations.remove(SYNC_NUMBER);
+                    annotations.remove(SYNC_SET);
+                }
+                decide::Sync::Quorum { number, set } => {
+                    annotations.insert(SYNC_NUMBER.into(), number.to_string());
+                    annotations.insert(
+                        SYNC_SET.into(),
+                        serde_json::to_string(set).unwrap_or_default(),
+                    );
+                }
+            }
+        })
+        .await
+    }
+
+    /// Passes the Lease to `to` (a planned switchover): the target sees itself as the holder
+    /// and promotes. Preconditioned on the observed resourceVersion like every write.
+    pub async fn hand_over(&mut self, to: &str) -> Result<bool, LeaseError> {
+        let to = to.to_string();
+        let result = self
+            .write_own(move |lease| {
+                if let Some(spec) = lease.spec.as_mut() {
+                    spec.holder_identity = Some(to);
+                    spec.acquire_time = Some(MicroTime(Utc::now()));
+                    spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+                }
+            })
+            .await;
+        self.renewed_at = None;
+        result
+    }
+
+    /// Replaces the Lease this instance holds after `edit`, renewing it.
+    async fn write_own(&mut self, edit: impl FnOnce(&mut Lease)) -> Result<bool, LeaseError> {
         let Some(seen) = self
             .seen
             .clone()
@@ -194,14 +269,20 @@ impl LeaseClient {
         };
         let sent = Instant::now();
         let mut lease = seen.lease;
-        let mut spec = lease.spec.unwrap_or_default();
+        let mut spec = lease.spec.take().unwrap_or_default();
         spec.renew_time = Some(MicroTime(Utc::now()));
         spec.lease_duration_seconds = Some(self.timings.lease_duration.as_secs() as i32);
         lease.spec = Some(spec);
+        edit(&mut lease);
         let result = self
             .bounded(self.api.replace(&self.name, &PostParams::default(), &lease))
             .await;
         self.settle(result, sent)
+    }
+
+    /// Renews the Lease this instance holds, at the observed resourceVersion.
+    pub async fn renew(&mut self) -> Result<bool, LeaseError> {
+        self.write_own(|_| {}).await
     }
 
     /// Gives the Lease up (clears the holder) so that a standby need not wait for expiry.

@@ -1,7 +1,90 @@
 //! High availability: who leads, when to fence, who may promote. The decisions are pure
 //! functions of observed state ([`decide`], [`quorum`]), tested with tables of cases; the
-//! Lease client ([`lease`]) is the I/O edge for leadership.
+//! Lease client ([`lease`]), the peers' status ([`peers`]) and the data-directory operations
+//! ([`replica`]) are the I/O edges; the [`elector`] loop ties them to the postmaster actor.
 
 pub mod decide;
+pub mod elector;
 pub mod lease;
+pub mod peers;
 pub mod quorum;
+pub mod replica;
+
+use serde::Serialize;
+
+/// Annotation on the PostgresCluster naming the instance a switchover goes to.
+pub const SWITCHOVER_ANNOTATION: &str = "pgwarden.dev/switchover-to";
+/// Annotation on the PostgresCluster with a JSON list of fenced instances (`["*"]`: all).
+pub const FENCED_ANNOTATION: &str = "pgwarden.dev/fenced-instances";
+
+/// The elector's view, for `/pg/status`, the reporter and the metrics.
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
+pub struct HaStatus {
+    /// primary, replica, fenced, stopped or unknown.
+    pub role: String,
+    /// The Lease holder as last observed.
+    pub leader: Option<String>,
+    pub fenced: bool,
+    /// The primary this standby streams from.
+    pub following: Option<String>,
+    /// The last decision, in words.
+    pub action: String,
+    /// Primary in quorum mode: `synchronous_standby_names` in use.
+    pub synchronous_standby_names: Option<String>,
+    /// Primary: fewer synchronous standbys than asked for, and commits no longer wait for
+    /// them (`spec.synchronous.allowDegraded`).
+    pub degraded: bool,
+}
+
+/// Inputs of the elector.
+pub struct Start<'a> {
+    pub config: &'a crate::config::Config,
+    pub shared: std::sync::Arc<crate::k8s::Shared>,
+    pub postmaster: crate::supervisor::postmaster::Handle,
+    pub status: tokio::sync::watch::Receiver<crate::supervisor::postmaster::Status>,
+    pub observation: tokio::sync::watch::Receiver<crate::monitor::Observation>,
+    pub assessor: crate::health::Assessor,
+    pub pg: crate::config::PostgresConfig,
+    pub binaries: crate::postgres::binaries::Binaries,
+    pub reaper: crate::supervisor::reaper::Reaper,
+}
+
+/// Starts the elector; the returned sender asks it to hand over on shutdown.
+pub fn start(s: Start<'_>) -> tokio::sync::mpsc::Sender<elector::Command> {
+    let k = &s.config.kubernetes;
+    let id = &s.shared.identity;
+    let client = s.shared.client.clone();
+    let timings = decide::Timings::default();
+    // reqwest is built without a bundled TLS provider; peers speak plain HTTP, but the
+    // builder still wants one installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_millis(500))
+        .build()
+        .unwrap_or_default();
+    elector::Elector {
+        me: id.pod.clone(),
+        lease: lease::LeaseClient::new(
+            kube::Api::namespaced(client.clone(), &id.namespace),
+            &id.cluster,
+            &id.pod,
+            timings,
+            k.api_timeout,
+        ),
+        postmaster: s.postmaster,
+        status: s.status,
+        observation: s.observation,
+        assessor: s.assessor,
+        events: crate::k8s::events::Events::new(client.clone(), id, k.api_timeout),
+        clusters: crate::k8s::clusters(&client, &id.namespace),
+        leases: kube::Api::namespaced(client, &id.namespace),
+        shared: s.shared.clone(),
+        pg: s.pg,
+        binaries: s.binaries,
+        reaper: s.reaper,
+        http,
+        max_crashes: s.config.supervision.max_crashes,
+        api_timeout: k.api_timeout,
+    }
+    .spawn()
+}

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 
+use super::decide::Sync;
 use crate::postgres::lsn::Lsn;
 
 /// Why a candidate may not promote.
@@ -71,6 +72,95 @@ pub fn may_promote(
             ahead: best.to_string(),
         }),
         None => Err(Refusal::TooFewHeard { heard: 0, needed }),
+    }
+}
+
+/// The primary's side: which synchronous set to ask for. With at least `number` standbys
+/// streaming, exactly those; with fewer, commits wait: the set keeps what it had (plus every
+/// known standby) so that Postgres never silently stops waiting, unless `allow_degraded`,
+/// which turns synchronous commit off (reported as degraded). `number == 0` means off.
+pub fn target(
+    number: usize,
+    allow_degraded: bool,
+    streaming: &[String],
+    previous: &Sync,
+    standbys: &[String],
+) -> (Sync, bool) {
+    if number == 0 {
+        return (Sync::Off, false);
+    }
+    if streaming.len() >= number {
+        return (quorum(number, streaming.iter()), false);
+    }
+    if allow_degraded {
+        return (Sync::Off, true);
+    }
+    let kept = match previous {
+        Sync::Quorum { set, .. } => set.as_slice(),
+        Sync::Off => &[],
+    };
+    let mut set: Vec<&String> = kept.iter().chain(streaming).collect();
+    if set.len() < number {
+        set.extend(standbys);
+    }
+    (quorum(number, set.into_iter()), false)
+}
+
+fn quorum<'a>(number: usize, names: impl Iterator<Item = &'a String>) -> Sync {
+    let set: std::collections::BTreeSet<String> = names.cloned().collect();
+    Sync::Quorum {
+        number,
+        set: set.into_iter().collect(),
+    }
+}
+
+/// One step from what Postgres uses (`applied`) and what the Lease says (`published`)
+/// towards `target`, keeping the promotion rule sound at every moment: the published set
+/// always contains the set Postgres waits for, with a number no larger. So a change first
+/// publishes the union (with the smaller number), then changes Postgres, then publishes the
+/// target itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Publish(Sync),
+    Apply(Sync),
+    Done,
+}
+
+pub fn next_step(published: &Sync, applied: &Sync, target: &Sync) -> Step {
+    if applied == target {
+        return if published == target {
+            Step::Done
+        } else {
+            Step::Publish(target.clone())
+        };
+    }
+    let cover = match (applied, target) {
+        // Turning synchronous commit off: Postgres first (the published quorum stays the
+        // stricter rule meanwhile).
+        (_, Sync::Off) => return Step::Apply(Sync::Off),
+        (Sync::Off, t) => t.clone(),
+        (Sync::Quorum { number: a, set: p }, Sync::Quorum { number: b, set: t }) => {
+            quorum((*a).min(*b), p.iter().chain(t))
+        }
+    };
+    if *published == cover {
+        Step::Apply(target.clone())
+    } else {
+        Step::Publish(cover)
+    }
+}
+
+/// The value of `synchronous_standby_names` for a set.
+pub fn standby_names(sync: &Sync) -> Option<String> {
+    match sync {
+        Sync::Off => None,
+        Sync::Quorum { number, set } => Some(format!(
+            "ANY {number} ({})",
+            set.iter()
+                .map(|n| format!("\"{}\"", n.replace('"', "")))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
     }
 }
 
@@ -158,6 +248,121 @@ mod tests {
                 "{me} N={n} heard={h:?}"
             );
         }
+    }
+
+    fn q(number: usize, names: &[&str]) -> Sync {
+        Sync::Quorum {
+            number,
+            set: set(names),
+        }
+    }
+
+    #[test]
+    fn the_primary_asks_for_streaming_standbys_and_never_silently_degrades() {
+        let all = set(&["b", "c"]);
+        let cases = vec![
+            ("off", 0, false, vec!["b"], Sync::Off, (Sync::Off, false)),
+            (
+                "both stream",
+                1,
+                false,
+                vec!["c", "b"],
+                Sync::Off,
+                (q(1, &["b", "c"]), false),
+            ),
+            (
+                "one streams",
+                1,
+                false,
+                vec!["b"],
+                q(1, &["b", "c"]),
+                (q(1, &["b"]), false),
+            ),
+            (
+                "none stream: keep waiting on the old set",
+                1,
+                false,
+                vec![],
+                q(1, &["b"]),
+                (q(1, &["b"]), false),
+            ),
+            (
+                "none stream, nothing before: wait on every standby",
+                1,
+                false,
+                vec![],
+                Sync::Off,
+                (q(1, &["b", "c"]), false),
+            ),
+            (
+                "too few, degrading allowed",
+                2,
+                true,
+                vec!["b"],
+                q(2, &["b", "c"]),
+                (Sync::Off, true),
+            ),
+        ];
+        for (name, n, degrade, streaming, previous, want) in cases {
+            assert_eq!(
+                target(n, degrade, &set(&streaming), &previous, &all),
+                want,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn set_changes_publish_the_union_first() {
+        use Step::*;
+        // Growing: publish b+c, apply b+c, done.
+        assert_eq!(
+            next_step(&q(1, &["b"]), &q(1, &["b"]), &q(1, &["b", "c"])),
+            Publish(q(1, &["b", "c"]))
+        );
+        assert_eq!(
+            next_step(&q(1, &["b", "c"]), &q(1, &["b"]), &q(1, &["b", "c"])),
+            Apply(q(1, &["b", "c"]))
+        );
+        assert_eq!(
+            next_step(&q(1, &["b", "c"]), &q(1, &["b", "c"]), &q(1, &["b", "c"])),
+            Done
+        );
+        // Shrinking: the union is already published; apply, then publish the smaller set.
+        assert_eq!(
+            next_step(&q(1, &["b", "c"]), &q(1, &["b", "c"]), &q(1, &["b"])),
+            Apply(q(1, &["b"]))
+        );
+        assert_eq!(
+            next_step(&q(1, &["b", "c"]), &q(1, &["b"]), &q(1, &["b"])),
+            Publish(q(1, &["b"]))
+        );
+        // Swapping members with a different number: union with the smaller number.
+        assert_eq!(
+            next_step(&q(2, &["b", "c"]), &q(2, &["b", "c"]), &q(1, &["c", "d"])),
+            Publish(q(1, &["b", "c", "d"]))
+        );
+        // Off -> quorum: publish first. Quorum -> off: Postgres first.
+        assert_eq!(
+            next_step(&Sync::Off, &Sync::Off, &q(1, &["b"])),
+            Publish(q(1, &["b"]))
+        );
+        assert_eq!(
+            next_step(&q(1, &["b"]), &Sync::Off, &q(1, &["b"])),
+            Apply(q(1, &["b"]))
+        );
+        assert_eq!(
+            next_step(&q(1, &["b"]), &q(1, &["b"]), &Sync::Off),
+            Apply(Sync::Off)
+        );
+        assert_eq!(
+            next_step(&q(1, &["b"]), &Sync::Off, &Sync::Off),
+            Publish(Sync::Off)
+        );
+        assert_eq!(
+            standby_names(&q(1, &["pg-1", "pg-2"])).as_deref(),
+            Some("ANY 1 (\"pg-1\", \"pg-2\")")
+        );
     }
 
     /// Exhaustively: whenever a candidate is allowed, it holds every acknowledged commit.

@@ -34,6 +34,8 @@ pub struct StatusDoc {
     /// age) is in `postgres.archiver`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wal: Option<crate::wal::WalDoc>,
+    /// High availability (the elector's view); null when it does not run.
+    pub ha: Option<crate::ha::HaStatus>,
 }
 
 #[derive(Debug, Serialize, schemars::JsonSchema)]
@@ -100,6 +102,7 @@ pub async fn handler(State(state): State<AppState>) -> Json<StatusDoc> {
             conditions: k.conditions(),
         }),
         wal: shared.wal.get().map(|w| w.state.borrow().doc()),
+        ha: shared.kubernetes.get().and_then(|k| k.ha.borrow().clone()),
     })
 }
 

@@ -201,6 +201,11 @@ pub struct FailoverSpec {
     /// Asynchronous mode: a standby further behind than this is not promoted.
     #[serde(default)]
     pub maximum_lag_bytes: Option<u64>,
+    /// A former primary that pg_rewind cannot bring onto the new timeline has its data
+    /// directory moved aside (kept, never deleted) and is cloned afresh. When false it stays
+    /// stopped and reports the failure.
+    #[serde(default = "defaults::yes")]
+    pub reclone_on_rewind_failure: bool,
 }
 
 impl Default for FailoverSpec {
@@ -210,6 +215,7 @@ impl Default for FailoverSpec {
             renew_deadline_seconds: defaults::renew_deadline(),
             retry_period_seconds: defaults::retry_period(),
             maximum_lag_bytes: None,
+            reclone_on_rewind_failure: true,
         }
     }
 }
@@ -223,6 +229,9 @@ mod defaults {
     }
     pub fn retry_period() -> u32 {
         2
+    }
+    pub fn yes() -> bool {
+        true
     }
 }
 
@@ -304,6 +313,12 @@ pub struct InstanceStatus {
     pub health: String,
     #[serde(default)]
     pub address: Option<String>,
+    /// `host:port` of its Postgres, for standbys to stream from.
+    #[serde(default)]
+    pub postgres_address: Option<String>,
+    /// `host:port` of its status API, for peers to read `/pg/status`.
+    #[serde(default)]
+    pub status_address: Option<String>,
     #[serde(default)]
     pub timeline: Option<u32>,
     #[serde(default)]
@@ -362,12 +377,6 @@ pub fn validate(spec: &PostgresClusterSpec) -> Result<(), Vec<String>> {
     if !(1..=16).contains(&spec.instances) {
         problems.push(format!(
             "spec.instances: {} is not between 1 and 16",
-            spec.instances
-        ));
-    } else if spec.instances > 1 {
-        // Without leader election every pod would run its own writable primary.
-        problems.push(format!(
-            "spec.instances: {} instances need high availability (leader election and replicas), which this version of pgwarden does not provide yet; use 1",
             spec.instances
         ));
     }

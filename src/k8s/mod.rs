@@ -8,11 +8,11 @@
 
 pub mod conditions;
 pub mod crd;
-mod events;
+pub mod events;
 mod queries;
 mod reconcile;
 mod report;
-mod secrets;
+pub mod secrets;
 pub mod wal_credentials;
 
 use std::sync::{Arc, Mutex};
@@ -35,7 +35,10 @@ pub struct Identity {
     pub cluster: String,
     pub namespace: String,
     pub pod: String,
+    /// Host advertised to the other instances (pod IP or DNS name).
     pub address: Option<String>,
+    pub postgres_port: u16,
+    pub status_port: u16,
 }
 
 /// Reachability of the API server, as seen by the last calls.
@@ -57,6 +60,11 @@ pub struct Shared {
     pub report_now: Notify,
     /// The latest PostgresCluster seen by the reconciler.
     pub cluster: watch::Sender<Option<Arc<DynamicObject>>>,
+    /// The replication role's password, from its Secret (for standbys' passfile).
+    pub replication_password: watch::Sender<Option<String>>,
+    /// The HA elector's view, when HA runs.
+    pub ha: watch::Sender<Option<crate::ha::HaStatus>>,
+    pub client: Client,
 }
 
 impl Shared {
@@ -178,13 +186,19 @@ pub async fn start(s: Start) -> anyhow::Result<Option<Arc<Shared>>> {
         .clone()
         .or_else(|| std::env::var("POD_NAME").ok())
         .unwrap_or_else(|| s.config.instance_name.clone());
-    let address = k.pod_ip.clone().or_else(|| std::env::var("POD_IP").ok());
+    let address = k
+        .advertise_address
+        .clone()
+        .or_else(|| k.pod_ip.clone())
+        .or_else(|| std::env::var("POD_IP").ok());
     let client = Client::try_from(kube_config).context("cannot build the Kubernetes client")?;
     let identity = Identity {
         cluster,
         namespace,
         pod,
         address,
+        postgres_port: s.config.postgres.port,
+        status_port: s.config.http.status_listen.port(),
     };
     tracing::info!(cluster = %identity.cluster, namespace = %identity.namespace, pod = %identity.pod, "following the PostgresCluster");
     let (cluster_tx, _) = watch::channel(None);
@@ -194,6 +208,9 @@ pub async fn start(s: Start) -> anyhow::Result<Option<Arc<Shared>>> {
         conditions: Mutex::default(),
         report_now: Notify::new(),
         cluster: cluster_tx,
+        replication_password: watch::channel(None).0,
+        ha: watch::channel(None).0,
+        client: client.clone(),
     });
     let events = events::Events::new(client.clone(), &shared.identity, k.api_timeout);
     let (secrets_tx, secrets_rx) = watch::channel(None);
@@ -267,7 +284,7 @@ pub async fn start(s: Start) -> anyhow::Result<Option<Arc<Shared>>> {
 /// Watches are asked to end after this long and are then resumed from their resourceVersion.
 pub const WATCH_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn clusters(client: &Client, namespace: &str) -> Api<DynamicObject> {
+pub fn clusters(client: &Client, namespace: &str) -> Api<DynamicObject> {
     let ar = ApiResource::erase::<PostgresCluster>(&());
     Api::namespaced_with(client.clone(), namespace, &ar)
 }

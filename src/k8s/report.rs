@@ -96,10 +96,30 @@ impl Reporter {
             Some(Role::Replica) => "replica",
             None => "unknown",
         };
+        // Under HA the elector's view decides: a primary without the Lease is no primary.
+        let ha = self.shared.ha.borrow().clone();
+        let role = ha.as_ref().map_or(role, |h| match h.role.as_str() {
+            "primary" => "primary",
+            "replica" => "replica",
+            "fenced" => "fenced",
+            _ => "unknown",
+        });
         let entry = InstanceStatus {
             role: role.into(),
             health: health.as_str().into(),
             address: self.shared.identity.address.clone(),
+            postgres_address: self
+                .shared
+                .identity
+                .address
+                .as_ref()
+                .map(|a| host_port(a, self.shared.identity.postgres_port)),
+            status_address: self
+                .shared
+                .identity
+                .address
+                .as_ref()
+                .map(|a| host_port(a, self.shared.identity.status_port)),
             timeline: pg.map(|p| p.timeline),
             current_lsn: pg.and_then(|p| p.lsn.current).map(|l| l.to_string()),
             received_lsn: pg.and_then(|p| p.lsn.received).map(|l| l.to_string()),
@@ -120,6 +140,7 @@ impl Reporter {
         let role_label = match (role, spec_valid) {
             ("primary", true) => "primary",
             ("replica", true) => "replica",
+            ("fenced", _) => "fenced",
             _ => "unknown",
         };
         Report { entry, role_label }
@@ -224,6 +245,15 @@ impl Reporter {
         }
         self.shared.api_result(&result);
         result.is_ok()
+    }
+}
+
+/// `host:port`, with brackets around an IPv6 address.
+fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
     }
 }
 

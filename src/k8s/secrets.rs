@@ -90,7 +90,13 @@ impl SecretsTask {
                     let Ok(secret) = result else { continue };
                     let name = secret.metadata.name.clone().unwrap_or_default();
                     match password(&secret, &key) {
-                        Ok(pw) => { pending.insert(purpose, (name, pw)); }
+                        Ok(pw) => {
+                            if purpose == Purpose::Replication {
+                                // Every instance needs it: standbys to stream and clone.
+                                self.shared.replication_password.send_replace(Some(pw.clone()));
+                            }
+                            pending.insert(purpose, (name, pw));
+                        }
                         Err(problem) => {
                             tracing::error!(secret = %name, %problem, "unusable password Secret");
                             self.events.warning("InvalidSecret", format!("Secret {name}: {problem}")).await;
@@ -150,12 +156,17 @@ impl SecretsTask {
             Purpose::Replication => (
                 REPLICATION_ROLE.to_string(),
                 format!(
-                    "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{REPLICATION_ROLE}') THEN CREATE ROLE {REPLICATION_ROLE} WITH REPLICATION LOGIN; END IF; END $$;"
+                    "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{REPLICATION_ROLE}') THEN CREATE ROLE {REPLICATION_ROLE} WITH REPLICATION LOGIN; END IF; END $$; \
+                     GRANT EXECUTE ON FUNCTION pg_catalog.pg_ls_dir(text, boolean, boolean), pg_catalog.pg_stat_file(text, boolean), pg_catalog.pg_read_binary_file(text), pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean) TO {REPLICATION_ROLE};"
                 ),
             ),
         };
         // The verifier has only base64 characters, '$', ':' and digits: no quoting issue.
-        let sql = format!("{setup} ALTER ROLE \"{role}\" PASSWORD '{verifier}'");
+        // `synchronous_commit = local`: in quorum mode a commit waits for standbys, and the
+        // standbys need this role to connect at all.
+        let sql = format!(
+            "SET synchronous_commit = local; {setup} ALTER ROLE \"{role}\" PASSWORD '{verifier}'"
+        );
         tokio::time::timeout(Duration::from_secs(5), conn.batch_execute(&sql))
             .await
             .map_err(|_| "timed out".to_string())?

@@ -448,8 +448,9 @@ pub fn freshness(cfg: &MonitorConfig) -> Duration {
 /// Creates the monitoring role on a primary; false when it cannot (a standby of a cluster
 /// that lacks it: the superuser then monitors until the role replicates over).
 async fn create_monitor_role(conn: &Connection) -> bool {
+    // Local commit: in quorum mode this must not wait for standbys that may not exist yet.
     let sql = format!(
-        "DO $$ BEGIN
+        "SET synchronous_commit = local; DO $$ BEGIN
            IF NOT pg_is_in_recovery() AND NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{MONITOR_ROLE}') THEN
              CREATE ROLE {MONITOR_ROLE} LOGIN;
              GRANT pg_monitor TO {MONITOR_ROLE};

@@ -99,6 +99,8 @@ pub struct Status {
     pub starts: u64,
     /// Whether Postgres has accepted connections at least once.
     pub ever_ready: bool,
+    /// Held stopped by fencing (manual or self-fencing) until the next start.
+    pub fenced: bool,
 }
 
 type Reply<T> = oneshot::Sender<T>;
@@ -112,6 +114,17 @@ pub enum Command {
     Restart(Reply<Result<(), String>>),
     /// Re-render the configuration files (with new settings when given) and signal a reload.
     Reload(Option<Box<PostgresConfig>>, Reply<Result<(), String>>),
+    /// Stop and stay stopped until the next Start (HA: fencing, demotion, rewind, clone);
+    /// unlike Stop, pgwarden is not shutting down. `fenced` is reported in the status.
+    Halt {
+        mode: StopMode,
+        fenced: bool,
+        reply: Reply<StopOutcome>,
+    },
+    /// Replace the replication settings (standby upstream, synchronous standbys) and reload.
+    SetReplication(conf::Replication, Reply<Result<(), String>>),
+    /// Promote the running standby; replies once it accepts writes.
+    Promote(Reply<Result<(), String>>),
 }
 
 /// Handle used to talk to the actor.
@@ -147,6 +160,25 @@ impl Handle {
             .await
             .unwrap_or_else(|| Err("postmaster actor is gone".into()))
     }
+    /// Stops Postgres and keeps it stopped until the next start.
+    pub async fn halt(&self, mode: StopMode, fenced: bool) -> Option<StopOutcome> {
+        self.call(|reply| Command::Halt {
+            mode,
+            fenced,
+            reply,
+        })
+        .await
+    }
+    pub async fn set_replication(&self, r: conf::Replication) -> Result<(), String> {
+        self.call(|reply| Command::SetReplication(r, reply))
+            .await
+            .unwrap_or_else(|| Err("postmaster actor is gone".into()))
+    }
+    pub async fn promote(&self) -> Result<(), String> {
+        self.call(Command::Promote)
+            .await
+            .unwrap_or_else(|| Err("postmaster actor is gone".into()))
+    }
 }
 
 /// What the actor needs to run Postgres.
@@ -165,6 +197,7 @@ pub fn status_channel() -> (watch::Sender<Status>, watch::Receiver<Status>) {
         crashes: 0,
         starts: 0,
         ever_ready: false,
+        fenced: false,
     })
 }
 
@@ -363,7 +396,58 @@ impl Actor {
                 let result = self.reload(settings).await;
                 let _ = reply.send(result);
             }
+            Command::Halt {
+                mode,
+                fenced,
+                reply,
+            } => {
+                self.fail_start_waiters("stopped on request");
+                if fenced {
+                    self.status.send_modify(|s| s.fenced = true);
+                }
+                if let Phase::Stopping { then_start, .. } = &mut self.phase {
+                    *then_start = false;
+                }
+                if self.child.is_none() {
+                    self.phase = Phase::Stopped;
+                    self.publish(State::Stopped);
+                    let _ = reply.send(StopOutcome {
+                        mode: None,
+                        killed: false,
+                        status: None,
+                    });
+                } else {
+                    self.stop_waiters.push(reply);
+                    self.begin_stop(mode, false);
+                }
+            }
+            Command::SetReplication(r, reply) => {
+                self.spec.settings.replication = r;
+                let result = self.reload(None).await;
+                let _ = reply.send(result);
+            }
+            Command::Promote(reply) => self.promote(reply),
         }
+    }
+
+    /// Promotes with `pg_promote` (which waits until the server accepts writes). The files
+    /// are rendered as a primary first: should Postgres die during the promotion, it comes
+    /// back as a primary, which is what the caller (the Lease holder) decided.
+    fn promote(&mut self, reply: Reply<Result<(), String>>) {
+        if !matches!(self.phase, Phase::Running) {
+            let _ = reply.send(Err("postgres is not running".into()));
+            return;
+        }
+        self.spec.settings.replication.standby = None;
+        if let Err(e) = self.render() {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        let s = &self.spec.settings;
+        let (run_dir, port, user) = (s.run_dir.clone(), s.port, s.superuser.clone());
+        tokio::spawn(async move {
+            let _ = reply.send(promote(&run_dir, port, &user).await);
+        });
     }
 
     /// Applies new settings only when Postgres accepts them: the candidate postgresql.conf is
@@ -371,6 +455,9 @@ impl Actor {
     /// message and the running configuration stays as it was.
     async fn reload(&mut self, settings: Option<Box<PostgresConfig>>) -> Result<(), String> {
         if let Some(settings) = settings {
+            let mut settings = settings;
+            // The HA elector owns replication; a reload of the user's settings keeps it.
+            settings.replication = self.spec.settings.replication.clone();
             if *settings != self.spec.settings {
                 let candidate = conf::render(&settings, &self.spec.os_user);
                 conf::check(
@@ -471,6 +558,7 @@ impl Actor {
         let pid = self.pid();
         self.status.send_modify(|s| {
             s.starts += 1;
+            s.fenced = false;
             s.state = State::Starting {
                 pid,
                 crash_recovery,
@@ -698,6 +786,46 @@ impl Actor {
         }
     }
 }
+
+/// `pg_promote`, bounded: the server ends recovery and accepts writes before it returns.
+async fn promote(run_dir: &Path, port: u16, user: &str) -> Result<(), String> {
+    let target = crate::postgres::connect::Target {
+        socket_dir: run_dir,
+        port,
+        user,
+        dbname: "postgres",
+        application_name: "pgwarden",
+        statement_timeout: PROMOTE_TIMEOUT + Duration::from_secs(5),
+    };
+    let conn = crate::postgres::connect::connect_timeout(&target)
+        .await
+        .map_err(|e| format!("cannot connect to promote: {e}"))?;
+    let sql = format!("SELECT pg_promote(true, {})", PROMOTE_TIMEOUT.as_secs());
+    let row = tokio::time::timeout(
+        PROMOTE_TIMEOUT + Duration::from_secs(5),
+        conn.query_one(&sql, &[]),
+    )
+    .await
+    .map_err(|_| "pg_promote did not return in time".to_string())?
+    .map_err(|e| format!("pg_promote failed: {e}"))?;
+    if row.try_get::<_, bool>(0).unwrap_or(false) {
+        tracing::info!("postgres promoted: accepting writes");
+        // The new timeline reaches pg_control only with a checkpoint; pg_rewind on a former
+        // primary reads it from there (writes are accepted meanwhile).
+        if let Err(e) =
+            tokio::time::timeout(PROMOTE_TIMEOUT, conn.batch_execute("CHECKPOINT")).await
+        {
+            tracing::warn!(error = %e, "checkpoint after promotion did not finish in time");
+        }
+        Ok(())
+    } else {
+        Err(format!(
+            "postgres did not finish promoting within {PROMOTE_TIMEOUT:?}"
+        ))
+    }
+}
+
+const PROMOTE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Polls until `postmaster.pid` says ready (or standby) and a real connection succeeds.
 async fn wait_ready(

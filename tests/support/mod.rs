@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod apiserver;
+pub mod cluster;
 pub mod wal;
 
 use std::io::{BufRead, BufReader};
@@ -81,6 +82,8 @@ pub fn chown(path: &Path) {
 
 /// A directory holding one instance's data, run directory and configuration.
 pub struct Sandbox {
+    /// `instance_name` in the generated configuration ("pg-test" unless a test sets it).
+    pub name: String,
     pub dir: tempfile::TempDir,
     pub port: u16,
     pub status_port: u16,
@@ -101,6 +104,7 @@ impl Sandbox {
         std::fs::write(&pw, PASSWORD).unwrap();
         chown(&pw);
         Sandbox {
+            name: "pg-test".to_string(),
             dir,
             port: free_port(),
             status_port: free_port(),
@@ -121,7 +125,7 @@ impl Sandbox {
     pub fn config(&self) -> PathBuf {
         let path = self.dir.path().join("pgwarden.toml");
         let text = format!(
-            r#"instance_name = "pg-test"
+            r#"instance_name = "{name}"
 [postgres]
 data_dir = "{data}"
 run_dir = "{run}"
@@ -133,6 +137,7 @@ status_listen = "127.0.0.1:{status}"
 metrics_listen = "127.0.0.1:{metrics}"
 {extra}
 "#,
+            name = self.name,
             data = self.data_dir().display(),
             run = self.run_dir().display(),
             port = self.port,

@@ -1,0 +1,1023 @@
+//! The elector loop: observe (the Lease, the local postmaster and monitor, the peers' live
+//! status, the PostgresCluster), decide with the pure [`decide`], then carry the action out
+//! through the postmaster actor, the Lease client and the data-directory operations.
+//!
+//! It ticks every retry period and at once when something it depends on changes (the Lease,
+//! the PostgresCluster, the postmaster's state). While this instance is the primary it also
+//! wakes at its renew deadline, so a primary that could not renew stops taking writes on time
+//! even when nothing else happens.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease as K8sLease;
+use kube::api::{DynamicObject, Patch, PatchParams};
+use kube::runtime::watcher;
+use kube::Api;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+
+use super::decide::{self, Action, Local, Observed, Peer, Sync, Timings};
+use super::lease::LeaseClient;
+use super::peers::{self, Member};
+use super::quorum::{self, Step};
+use super::replica::{self, Address};
+use super::{HaStatus, FENCED_ANNOTATION, SWITCHOVER_ANNOTATION};
+use crate::config::PostgresConfig;
+use crate::health::{Assessor, Health};
+use crate::k8s::crd::{self, PostgresClusterSpec};
+use crate::k8s::events::Events;
+use crate::k8s::Shared;
+use crate::monitor::snapshot::Role;
+use crate::monitor::Observation;
+use crate::postgres::binaries::Binaries;
+use crate::postgres::conf::{Replication, Upstream};
+use crate::postgres::datadir::{self, DataDir};
+use crate::supervisor::postmaster::{Handle, State, Status, StopMode};
+use crate::supervisor::reaper::Reaper;
+
+/// Requests from the rest of pgwarden.
+pub enum Command {
+    /// pgwarden is stopping: a primary hands over to the best standby (or releases the
+    /// Lease); then the elector stops acting.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// How long a peer's `/pg/status` may take.
+const PEER_TIMEOUT: Duration = Duration::from_millis(800);
+/// A switchover target must be at most this far behind (unless the spec's maximum lag is set).
+const SWITCHOVER_MAX_LAG: u64 = 16 << 20;
+/// How long a switchover waits for the target to receive the old primary's last WAL.
+const SWITCHOVER_CATCH_UP: Duration = Duration::from_secs(10);
+/// pg_rewind attempts against a healthy primary before the directory is moved aside.
+const REWIND_ATTEMPTS: u32 = 3;
+
+pub struct Elector {
+    pub me: String,
+    pub lease: LeaseClient,
+    pub postmaster: Handle,
+    pub status: watch::Receiver<Status>,
+    pub observation: watch::Receiver<Observation>,
+    pub assessor: Assessor,
+    pub shared: Arc<Shared>,
+    pub events: Events,
+    pub clusters: Api<DynamicObject>,
+    pub leases: Api<K8sLease>,
+    pub pg: PostgresConfig,
+    pub binaries: Binaries,
+    pub reaper: Reaper,
+    pub http: reqwest::Client,
+    pub max_crashes: u32,
+    pub api_timeout: Duration,
+}
+
+/// What the elector remembers between ticks.
+#[derive(Default)]
+struct Memory {
+    /// Postgres was last started (or reconfigured) as a standby of this instance.
+    following: Option<String>,
+    /// Postgres runs with a standby configuration (even without an upstream).
+    standby: bool,
+    /// What the Lease says of the synchronous set (as this leader wrote it).
+    published: Option<Sync>,
+    /// What Postgres uses.
+    applied: Sync,
+    degraded: bool,
+    rewind_failures: u32,
+    fenced_reported: Option<String>,
+    last_action: Option<Action>,
+    /// After a failed clone, rewind or start, the next attempt waits until then (wakes from
+    /// status changes would otherwise retry in a tight loop).
+    retry_at: Option<Instant>,
+}
+
+/// One tick's observations.
+struct Tick {
+    spec: PostgresClusterSpec,
+    cluster: Arc<DynamicObject>,
+    members: Vec<Member>,
+    peers: Vec<Peer>,
+    observed: Observed,
+}
+
+impl Elector {
+    pub fn spawn(self) -> mpsc::Sender<Command> {
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(self.run(rx));
+        tx
+    }
+
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let wake = Arc::new(Notify::new());
+        tokio::spawn(watch_lease(
+            self.leases.clone(),
+            self.lease.name().to_string(),
+            wake.clone(),
+        ));
+        let mut memory = Memory {
+            // What the data directory says at start: a standby's keeps its standby.signal.
+            standby: self.pg.data_dir.join("standby.signal").exists(),
+            ..Memory::default()
+        };
+        let mut cluster = self.shared.cluster.subscribe();
+        let mut status = self.status.clone();
+        loop {
+            let timings = self.timings();
+            if let Some(mut tick) = self.observe().await {
+                tick.observed.following = memory.following.clone();
+                let action = decide::decide(&tick.observed);
+                self.report(&tick, &action, &mut memory);
+                self.act(action, &tick, &mut memory).await;
+            }
+            // The primary must notice its renew deadline even if nothing else happens.
+            let deadline = self
+                .lease
+                .since_renew()
+                .map(|since| timings.renew_deadline.saturating_sub(since))
+                .unwrap_or(timings.retry)
+                .min(timings.retry);
+            tokio::select! {
+                _ = tokio::time::sleep(deadline.max(Duration::from_millis(20))) => {}
+                _ = wake.notified() => {}
+                _ = cluster.changed() => {}
+                _ = status.changed() => {}
+                cmd = commands.recv() => {
+                    if let Some(Command::Shutdown(done)) = cmd {
+                        self.shutdown(&mut memory).await;
+                        let _ = done.send(());
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn spec(&self) -> Option<(Arc<DynamicObject>, PostgresClusterSpec)> {
+        let cluster = self.shared.cluster.borrow().clone()?;
+        let spec = crd::parse_spec(cluster.data.get("spec")?).ok()?;
+        crd::validate(&spec).ok()?;
+        Some((cluster, spec))
+    }
+
+    fn timings(&self) -> Timings {
+        self.spec()
+            .map_or_else(Timings::default, |(_, s)| timings(&s))
+    }
+
+    async fn observe(&mut self) -> Option<Tick> {
+        // Nothing is decided without a valid spec: it says how many instances, which
+        // synchronous mode and which timings.
+        let (cluster, spec) = self.spec()?;
+        self.lease.set_timings(timings(&spec));
+        let (lease, result) = self.lease.observe().await;
+        if let Err(e) = &result {
+            tracing::debug!(error = %e, "cannot read the Lease");
+        }
+        let status = self.status.borrow().clone();
+        let obs = self.observation.borrow().clone();
+        let fenced = fenced(&cluster.data, &self.me);
+        let members = peers::members(&cluster.data, &self.me);
+        let docs = peers::fetch(&self.http, &members, PEER_TIMEOUT).await;
+        let mut list: Vec<Peer> = docs
+            .iter()
+            .map(|(name, doc)| peers::from_status(name, doc))
+            .collect();
+        let local = self.local(&status, &obs);
+        list.push(self.own_peer(&status, &obs, fenced));
+        let has_data = matches!(
+            datadir::inspect(&self.pg.data_dir),
+            Ok(DataDir::Cluster { .. })
+        );
+        let initialized = cluster
+            .data
+            .get("status")
+            .and_then(|s| s.get("currentPrimary"))
+            .is_some_and(|p| p.is_string());
+        let observed = Observed {
+            me: self.me.clone(),
+            local,
+            fenced,
+            lease,
+            api_reachable: result.is_ok(),
+            since_renew: self.lease.since_renew(),
+            timings: timings(&spec),
+            following: None,
+            peers: list.clone(),
+            sync: self.lease.published_sync(),
+            max_lag_bytes: spec.failover.maximum_lag_bytes,
+            max_local_restarts: self.max_crashes.saturating_sub(1),
+            has_data,
+            initialized,
+        };
+        Some(Tick {
+            spec,
+            cluster,
+            members,
+            peers: list,
+            observed,
+        })
+    }
+
+    /// What Postgres is doing here, from the postmaster's state, what this elector configured
+    /// and what the monitor last read (either saying "primary" makes it one: a promotion by
+    /// hand must not go unnoticed).
+    fn local(&self, status: &Status, obs: &Observation) -> Local {
+        match &status.state {
+            State::Initializing | State::Stopped => Local::Stopped,
+            State::Restarting { crashes_in_window } => Local::Crashed {
+                crashes: *crashes_in_window,
+            },
+            State::Failed { .. } => Local::Crashed { crashes: u32::MAX },
+            State::Starting { .. } | State::Running { .. } | State::Stopping { .. } => {
+                let configured_standby = self.pg_standby_configured();
+                let seen_primary = obs.pg.as_ref().is_some_and(|p| p.role == Role::Primary)
+                    && obs.refreshed.is_some_and(|t| match &status.state {
+                        State::Running { since, .. } => t >= *since,
+                        _ => false,
+                    });
+                if !configured_standby || seen_primary {
+                    Local::Primary
+                } else {
+                    Local::Replica
+                }
+            }
+        }
+    }
+
+    fn pg_standby_configured(&self) -> bool {
+        self.pg.data_dir.join("standby.signal").exists()
+    }
+
+    fn own_peer(&self, status: &Status, obs: &Observation, fenced: bool) -> Peer {
+        let pg = obs.pg.as_deref();
+        Peer {
+            name: self.me.clone(),
+            healthy: self.assessor.assess(status, obs) == Health::Ready,
+            fenced,
+            replica: pg.is_some_and(|p| p.role == Role::Replica),
+            primary: false,
+            replayed: pg.and_then(|p| p.lsn.replayed),
+            lsn: pg.and_then(|p| {
+                [p.lsn.current, p.lsn.received, p.lsn.replayed]
+                    .into_iter()
+                    .flatten()
+                    .max()
+            }),
+        }
+    }
+
+    fn report(&self, tick: &Tick, action: &Action, memory: &mut Memory) {
+        let leader = match &tick.observed.lease {
+            decide::Lease::Held { holder, .. } if !holder.is_empty() => Some(holder.clone()),
+            _ => None,
+        };
+        let role = match (tick.observed.fenced, tick.observed.local) {
+            (true, _) => "fenced",
+            (_, Local::Primary) if leader.as_deref() == Some(self.me.as_str()) => "primary",
+            (_, Local::Primary) => "unknown",
+            (_, Local::Replica) => "replica",
+            (_, Local::Stopped) if self.status.borrow().fenced => "fenced",
+            _ => "stopped",
+        };
+        let doc = HaStatus {
+            role: role.into(),
+            leader,
+            fenced: tick.observed.fenced,
+            following: memory.following.clone(),
+            action: describe(action),
+            synchronous_standby_names: quorum::standby_names(&memory.applied),
+            degraded: memory.degraded,
+        };
+        let changed = self.shared.ha.send_if_modified(|cur| {
+            let changed = cur.as_ref() != Some(&doc);
+            *cur = Some(doc.clone());
+            changed
+        });
+        if changed {
+            self.shared.report_now.notify_one();
+        }
+        if memory.last_action.as_ref() != Some(action) {
+            match action {
+                Action::Wait(reason) => tracing::info!(%reason, "HA: waiting"),
+                other => tracing::info!(action = %describe(other), "HA: acting"),
+            }
+            memory.last_action = Some(action.clone());
+        }
+    }
+
+    async fn act(&mut self, action: Action, tick: &Tick, memory: &mut Memory) {
+        let heavy = matches!(
+            action,
+            Action::Follow { .. } | Action::StartPrimary | Action::StartStandby | Action::Bootstrap
+        ) && tick.observed.local == Local::Stopped;
+        if heavy {
+            if memory.retry_at.is_some_and(|t| Instant::now() < t) {
+                return;
+            }
+            memory.retry_at = Some(Instant::now() + tick.observed.timings.retry);
+        }
+        match action {
+            Action::Wait(_) | Action::RestartLocally => {}
+            Action::Renew => self.lead(tick, memory).await,
+            Action::Fence(reason) => {
+                tracing::error!(%reason, "stopping writes: fencing myself");
+                self.postmaster.halt(StopMode::Immediate, true).await;
+                memory.following = None;
+                if memory.fenced_reported.as_deref() != Some(reason.as_str()) {
+                    self.events
+                        .warning(
+                            "SelfFenced",
+                            format!("{}: {reason}; Postgres stopped", self.me),
+                        )
+                        .await;
+                    memory.fenced_reported = Some(reason);
+                }
+            }
+            Action::FenceAndRelease => {
+                self.postmaster.halt(StopMode::Fast, true).await;
+                memory.following = None;
+                if self.lease.held_by_me() {
+                    let _ = self.lease.release().await;
+                }
+                self.events
+                    .normal("Fenced", format!("{} fenced: Postgres stopped", self.me))
+                    .await;
+            }
+            Action::Acquire => match self.lease.acquire().await {
+                Ok(true) => {
+                    tracing::warn!("took the expired Lease; promoting");
+                    self.promote(tick, memory, "failover").await;
+                }
+                Ok(false) => tracing::info!("another instance took the Lease first"),
+                Err(e) => tracing::warn!(error = %e, "cannot take the Lease"),
+            },
+            Action::Promote => self.promote(tick, memory, "switchover").await,
+            Action::Demote { primary } => {
+                tracing::warn!(%primary, "another instance leads: stopping to rejoin as its standby");
+                self.postmaster.halt(StopMode::Fast, false).await;
+                self.events
+                    .normal(
+                        "Demoted",
+                        format!("{} stopped as primary; {primary} leads", self.me),
+                    )
+                    .await;
+                self.follow(&primary, tick, memory).await;
+            }
+            Action::Follow { primary } => self.follow(&primary, tick, memory).await,
+            Action::Release => {
+                tracing::error!("postgres keeps crashing: giving the Lease up");
+                self.postmaster.halt(StopMode::Immediate, false).await;
+                let _ = self.lease.release().await;
+            }
+            Action::StartPrimary => self.start_primary(tick, memory).await,
+            Action::Bootstrap => self.bootstrap(memory).await,
+            Action::StartStandby => {
+                self.start_standby(None, memory).await;
+            }
+        }
+    }
+
+    /// The leader's routine: renew (publishing the synchronous set), keep the slots, serve a
+    /// requested switchover.
+    async fn lead(&mut self, tick: &Tick, memory: &mut Memory) {
+        let streaming = self.streaming();
+        let standbys: Vec<String> = tick.members.iter().map(|m| m.name.clone()).collect();
+        let number = match tick.spec.synchronous.mode {
+            crd::SynchronousMode::Off => 0,
+            crd::SynchronousMode::Quorum => tick.spec.synchronous.number as usize,
+        };
+        let previous = memory.applied.clone();
+        let (target, degraded) = quorum::target(
+            number,
+            tick.spec.synchronous.allow_degraded,
+            &streaming,
+            &previous,
+            &standbys,
+        );
+        let published = memory
+            .published
+            .clone()
+            .unwrap_or_else(|| self.lease.published_sync());
+        let renewed = match quorum::next_step(&published, &memory.applied, &target) {
+            Step::Publish(sync) => {
+                let r = self.lease.renew_publishing(&sync).await;
+                if matches!(r, Ok(true)) {
+                    memory.published = Some(sync);
+                }
+                r
+            }
+            Step::Apply(sync) => {
+                let r = self.lease.renew_publishing(&published).await;
+                if matches!(r, Ok(true)) {
+                    let replication = Replication {
+                        standby: None,
+                        synchronous_standby_names: quorum::standby_names(&sync),
+                    };
+                    match self.postmaster.set_replication(replication).await {
+                        Ok(()) => {
+                            tracing::info!(synchronous_standby_names = ?quorum::standby_names(&sync), "synchronous standbys set");
+                            memory.applied = sync;
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot set the synchronous standbys")
+                        }
+                    }
+                }
+                r
+            }
+            Step::Done => self.lease.renew_publishing(&published).await,
+        };
+        match renewed {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!("the Lease changed under me; re-reading"),
+            Err(e) => tracing::warn!(error = %e, "cannot renew the Lease"),
+        }
+        if degraded != memory.degraded {
+            memory.degraded = degraded;
+            let (ok, reason, message) = if degraded {
+                (false, "Degraded", format!("fewer than {number} synchronous standbys: commits no longer wait for them (allowDegraded)"))
+            } else {
+                (
+                    true,
+                    "Synchronous",
+                    "synchronous standbys as requested".to_string(),
+                )
+            };
+            self.shared
+                .set_condition("SynchronousReplication", ok, reason, &message, None);
+            if degraded {
+                self.events.warning("SynchronousDegraded", message).await;
+            } else {
+                self.events.normal("SynchronousRestored", message).await;
+            }
+        }
+        if let Err(e) = replica::sync_slots(&self.pg, &standbys).await {
+            tracing::warn!(error = %e, "cannot maintain the replication slots");
+        }
+        if let Some(target) = switchover_request(&tick.cluster.data) {
+            self.switchover(&target, tick, memory, false).await;
+        }
+    }
+
+    /// Standbys streaming from this primary right now.
+    fn streaming(&self) -> Vec<String> {
+        let obs = self.observation.borrow();
+        let mut names: BTreeSet<String> = BTreeSet::new();
+        if let Some(pg) = obs.pg.as_deref() {
+            for s in &pg.replication {
+                if s.state == "streaming" {
+                    names.insert(s.application_name.clone());
+                }
+            }
+        }
+        names.into_iter().collect()
+    }
+
+    async fn promote(&mut self, tick: &Tick, memory: &mut Memory, why: &str) {
+        if tick.observed.local != Local::Replica {
+            return; // a stopped or crashed holder is started by the next tick's decision
+        }
+        match self.postmaster.promote().await {
+            Ok(()) => {
+                memory.following = None;
+                memory.standby = false;
+                memory.applied = Sync::Off;
+                memory.published = None;
+                self.events
+                    .normal(
+                        "Promoted",
+                        format!("{} promoted to primary ({why})", self.me),
+                    )
+                    .await;
+                let standbys: Vec<String> = tick.members.iter().map(|m| m.name.clone()).collect();
+                if let Err(e) = replica::sync_slots(&self.pg, &standbys).await {
+                    tracing::warn!(error = %e, "cannot create the replication slots yet");
+                }
+                self.shared.report_now.notify_one();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "promotion failed");
+                self.events
+                    .warning("PromotionFailed", format!("{}: {e}", self.me))
+                    .await;
+            }
+        }
+    }
+
+    /// Streams from `primary`: reconfigures a running standby, or prepares the data directory
+    /// (clone, rewind) and starts one.
+    async fn follow(&mut self, primary: &str, tick: &Tick, memory: &mut Memory) {
+        let Some(address) = tick
+            .members
+            .iter()
+            .find(|m| m.name == primary)
+            .and_then(|m| m.postgres.clone())
+        else {
+            tracing::debug!(%primary, "the primary's address is not known yet");
+            return;
+        };
+        let Some(password) = self.shared.replication_password.borrow().clone() else {
+            tracing::info!("waiting for the replication password (spec.secrets.replication)");
+            return;
+        };
+        if let Err(e) = replica::write_passfile(&self.pg.run_dir, &password) {
+            tracing::error!(error = %e, "cannot write the replication passfile");
+            return;
+        }
+        let upstream = replica::upstream(&address, &self.me, &self.pg.run_dir);
+        match tick.observed.local {
+            Local::Replica | Local::Crashed { .. } => {
+                if memory.following.as_deref() != Some(primary) {
+                    match self.postmaster.set_replication(standby(upstream)).await {
+                        Ok(()) => {
+                            tracing::info!(%primary, "now following");
+                            memory.following = Some(primary.to_string());
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot repoint the standby"),
+                    }
+                }
+            }
+            Local::Primary => {} // decide() demotes it first
+            Local::Stopped => {
+                if !tick.observed.has_data {
+                    if let Err(e) =
+                        replica::clone(&self.reaper, &self.binaries, &self.pg, &address, &self.me)
+                            .await
+                    {
+                        tracing::warn!(error = %e, "clone failed; retrying");
+                        return;
+                    }
+                    self.events
+                        .normal("Cloned", format!("{} cloned from {primary}", self.me))
+                        .await;
+                } else if !self.pg_standby_configured()
+                    && !self.rewind(primary, &address, tick, memory).await
+                {
+                    return;
+                }
+                if self.start_standby(Some(upstream), memory).await {
+                    memory.following = Some(primary.to_string());
+                }
+            }
+        }
+    }
+
+    /// Brings a former primary's data onto `primary`'s timeline; false when it could not
+    /// (yet). After repeated failures against a healthy primary the directory is moved aside
+    /// and the next tick clones afresh, when the spec allows it.
+    async fn rewind(
+        &mut self,
+        primary: &str,
+        address: &Address,
+        tick: &Tick,
+        memory: &mut Memory,
+    ) -> bool {
+        // Its elector says "primary" only once the promotion's checkpoint is done: before
+        // that, pg_rewind would read the old timeline from its control file and wrongly
+        // find nothing to rewind.
+        let source_ready = tick
+            .peers
+            .iter()
+            .any(|p| p.name == primary && p.healthy && p.primary);
+        if !source_ready {
+            tracing::info!(%primary, "waiting for the new primary to accept writes before rewinding");
+            return false;
+        }
+        match replica::rewind(&self.reaper, &self.binaries, &self.pg, address, &self.me).await {
+            Ok(()) => {
+                memory.rewind_failures = 0;
+                self.events
+                    .normal("Rewound", format!("{} rewound onto {primary}", self.me))
+                    .await;
+                true
+            }
+            Err(e) => {
+                memory.rewind_failures += 1;
+                tracing::error!(error = %e, attempt = memory.rewind_failures, "pg_rewind failed");
+                if memory.rewind_failures < REWIND_ATTEMPTS {
+                    return false;
+                }
+                if !tick.spec.failover.reclone_on_rewind_failure {
+                    self.events
+                        .warning(
+                            "RewindFailed",
+                            format!(
+                                "{}: {e}; staying stopped (recloneOnRewindFailure is off)",
+                                self.me
+                            ),
+                        )
+                        .await;
+                    return false;
+                }
+                match replica::move_aside(&self.pg.data_dir) {
+                    Ok(to) => {
+                        memory.rewind_failures = 0;
+                        self.events
+                            .warning(
+                                "Recloning",
+                                format!(
+                                    "{}: {e}; data directory kept at {} and cloned afresh",
+                                    self.me,
+                                    to.display()
+                                ),
+                            )
+                            .await;
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot move the data directory aside"),
+                }
+                false
+            }
+        }
+    }
+
+    async fn start_standby(&mut self, upstream: Option<Upstream>, memory: &mut Memory) -> bool {
+        let upstream = upstream.unwrap_or(Upstream {
+            conninfo: String::new(),
+            slot: None,
+        });
+        if let Err(e) = self.postmaster.set_replication(standby(upstream)).await {
+            tracing::error!(error = %e, "cannot configure the standby");
+            return false;
+        }
+        memory.standby = true;
+        match self.postmaster.start().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "standby did not start");
+                false
+            }
+        }
+    }
+
+    async fn start_primary(&mut self, tick: &Tick, memory: &mut Memory) {
+        // Confirm the Lease before taking writes: this process may just have started.
+        if !matches!(self.lease.renew().await, Ok(true)) {
+            return;
+        }
+        if !tick.observed.has_data {
+            if tick.observed.initialized {
+                tracing::error!("holding the Lease without data; giving it up");
+                let _ = self.lease.release().await;
+            } else {
+                self.initialise(memory).await;
+            }
+            return;
+        }
+        if self.pg_standby_configured() {
+            // A standby's data: promote it properly (a new timeline) rather than starting it
+            // as a primary on the old one.
+            if self.start_standby(None, memory).await {
+                let tick = Tick {
+                    observed: Observed {
+                        local: Local::Replica,
+                        ..tick.observed.clone()
+                    },
+                    spec: tick.spec.clone(),
+                    cluster: tick.cluster.clone(),
+                    members: tick.members.clone(),
+                    peers: tick.peers.clone(),
+                };
+                self.promote(&tick, memory, "restart").await;
+            }
+            return;
+        }
+        if let Err(e) = self
+            .postmaster
+            .set_replication(Replication::default())
+            .await
+        {
+            tracing::error!(error = %e, "cannot configure the primary");
+            return;
+        }
+        memory.applied = Sync::Off;
+        memory.published = None;
+        if let Err(e) = self.postmaster.start().await {
+            tracing::warn!(error = %e, "primary did not start");
+        }
+    }
+
+    async fn bootstrap(&mut self, memory: &mut Memory) {
+        match self.lease.acquire().await {
+            Ok(true) => self.initialise(memory).await,
+            Ok(false) => tracing::info!("another instance is initialising the cluster"),
+            Err(e) => tracing::warn!(error = %e, "cannot create the Lease"),
+        }
+    }
+
+    async fn initialise(&mut self, memory: &mut Memory) {
+        if let Err(e) = datadir::initdb(&self.reaper, &self.binaries, &self.pg).await {
+            tracing::error!(error = %e, "initdb failed");
+            self.events.warning("InitdbFailed", e.to_string()).await;
+            return;
+        }
+        if let Err(e) = datadir::ensure_mode(&self.pg.data_dir) {
+            tracing::error!(error = %e, "cannot set the data directory's mode");
+            return;
+        }
+        self.events
+            .normal(
+                "Initialized",
+                format!("{} initialised the cluster", self.me),
+            )
+            .await;
+        let _ = self.lease.renew().await;
+        let _ = self
+            .postmaster
+            .set_replication(Replication::default())
+            .await;
+        memory.standby = false;
+        if let Err(e) = self.postmaster.start().await {
+            tracing::warn!(error = %e, "first start failed");
+        }
+    }
+
+    /// Hands the primary role to `target`: stop taking writes (a clean, checkpointed
+    /// shutdown), wait until the target received everything, pass it the Lease, and follow
+    /// it. Refused, with the reason in an Event, when the target is not a healthy, caught-up
+    /// standby.
+    async fn switchover(
+        &mut self,
+        target: &str,
+        tick: &Tick,
+        memory: &mut Memory,
+        stopping: bool,
+    ) -> bool {
+        let result = self.try_switchover(target, tick, memory, stopping).await;
+        if !stopping {
+            self.clear_switchover_request().await;
+        }
+        match result {
+            Ok(()) => {
+                self.events
+                    .normal(
+                        "SwitchedOver",
+                        format!("{} handed the primary role to {target}", self.me),
+                    )
+                    .await;
+                true
+            }
+            Err(reason) => {
+                tracing::warn!(%target, %reason, "switchover refused");
+                self.events
+                    .warning(
+                        "SwitchoverRefused",
+                        format!("switchover to {target}: {reason}"),
+                    )
+                    .await;
+                false
+            }
+        }
+    }
+
+    async fn try_switchover(
+        &mut self,
+        target: &str,
+        tick: &Tick,
+        memory: &mut Memory,
+        stopping: bool,
+    ) -> Result<(), String> {
+        let max_lag = tick
+            .spec
+            .failover
+            .maximum_lag_bytes
+            .unwrap_or(SWITCHOVER_MAX_LAG);
+        let own = tick
+            .peers
+            .iter()
+            .find(|p| p.name == self.me)
+            .and_then(|p| p.lsn);
+        decide::switchover_check(target, &tick.peers, own, max_lag)?;
+        let address = tick
+            .members
+            .iter()
+            .find(|m| m.name == target)
+            .and_then(|m| m.postgres.clone())
+            .ok_or("its Postgres address is unknown")?;
+        tracing::info!(%target, "switchover: stopping writes");
+        let outcome = self.postmaster.halt(StopMode::Fast, false).await;
+        if !outcome.is_some_and(|o| o.clean()) {
+            return Err("the primary did not shut down cleanly; it restarts as primary".into());
+        }
+        let last = self.last_checkpoint().await?;
+        let member: Vec<Member> = tick
+            .members
+            .iter()
+            .filter(|m| m.name == target)
+            .cloned()
+            .collect();
+        let deadline = Instant::now() + SWITCHOVER_CATCH_UP;
+        loop {
+            let docs = peers::fetch(&self.http, &member, PEER_TIMEOUT).await;
+            let received = docs.get(target).and_then(|d| {
+                let p = peers::from_status(target, d);
+                p.lsn
+            });
+            if received.is_some_and(|r| r > last) {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "it did not receive the final WAL position {last} in time"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        match self.lease.hand_over(target).await {
+            Ok(true) => {}
+            Ok(false) => return Err("the Lease changed meanwhile".into()),
+            Err(e) => return Err(format!("cannot pass the Lease: {e}")),
+        }
+        tracing::info!(%target, "switchover: Lease passed");
+        if !stopping {
+            let upstream = replica::upstream(&address, &self.me, &self.pg.run_dir);
+            if self.start_standby(Some(upstream), memory).await {
+                memory.following = Some(target.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    /// The position of the shutdown checkpoint (the last record a clean stop wrote).
+    async fn last_checkpoint(&self) -> Result<crate::postgres::lsn::Lsn, String> {
+        let mut cmd = std::process::Command::new(self.binaries.tool("pg_controldata"));
+        cmd.arg("-D").arg(&self.pg.data_dir).env("LC_ALL", "C");
+        let out = self
+            .reaper
+            .output(&mut cmd)
+            .await
+            .map_err(|e| format!("cannot run pg_controldata: {e}"))?;
+        out.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("Latest checkpoint location:"))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| {
+                format!(
+                    "pg_controldata gave no checkpoint location: {}",
+                    out.stderr.trim()
+                )
+            })
+    }
+
+    async fn clear_switchover_request(&self) {
+        let patch =
+            Patch::Merge(json!({"metadata": {"annotations": {SWITCHOVER_ANNOTATION: null}}}));
+        let result = tokio::time::timeout(
+            self.api_timeout,
+            self.clusters.patch(
+                &self.shared.identity.cluster,
+                &PatchParams::default(),
+                &patch,
+            ),
+        )
+        .await;
+        if !matches!(result, Ok(Ok(_))) {
+            tracing::warn!("cannot remove the switchover annotation");
+        }
+    }
+
+    /// SIGTERM: the primary hands over to the most advanced healthy standby, or gives the
+    /// Lease up after its clean stop when there is none.
+    async fn shutdown(&mut self, memory: &mut Memory) {
+        let Some(tick) = self.observe().await else {
+            return;
+        };
+        let leader = self.lease.held_by_me();
+        if leader && tick.observed.local == Local::Primary {
+            let max_lag = tick
+                .spec
+                .failover
+                .maximum_lag_bytes
+                .unwrap_or(SWITCHOVER_MAX_LAG);
+            let own = tick
+                .peers
+                .iter()
+                .find(|p| p.name == self.me)
+                .and_then(|p| p.lsn);
+            let best = tick
+                .peers
+                .iter()
+                .filter(|p| p.name != self.me)
+                .filter(|p| decide::switchover_check(&p.name, &tick.peers, own, max_lag).is_ok())
+                .max_by(|a, b| a.lsn.cmp(&b.lsn).then_with(|| b.name.cmp(&a.name)))
+                .map(|p| p.name.clone());
+            if let Some(target) = best {
+                if self.switchover(&target, &tick, memory, true).await {
+                    return;
+                }
+            }
+        }
+        if leader {
+            self.postmaster.halt(StopMode::Fast, false).await;
+            match self.lease.release().await {
+                Ok(true) => tracing::info!("Lease released"),
+                _ => tracing::warn!("cannot release the Lease; it expires on its own"),
+            }
+        }
+    }
+}
+
+fn standby(upstream: Upstream) -> Replication {
+    Replication {
+        standby: Some(upstream),
+        synchronous_standby_names: None,
+    }
+}
+
+fn timings(spec: &PostgresClusterSpec) -> Timings {
+    let f = &spec.failover;
+    Timings {
+        lease_duration: Duration::from_secs(f.lease_duration_seconds.into()),
+        renew_deadline: Duration::from_secs(f.renew_deadline_seconds.into()),
+        retry: Duration::from_secs(f.retry_period_seconds.into()),
+    }
+}
+
+/// Whether `me` is listed in the fencing annotation (a JSON list of names, `*` for all). An
+/// unreadable annotation fences nobody and is logged.
+pub fn fenced(cluster: &Value, me: &str) -> bool {
+    let Some(raw) = cluster
+        .get("metadata")
+        .and_then(|m| m.get("annotations"))
+        .and_then(|a| a.get(FENCED_ANNOTATION))
+        .and_then(Value::as_str)
+    else {
+        return false;
+    };
+    match serde_json::from_str::<Vec<String>>(raw) {
+        Ok(list) => list.iter().any(|n| n == me || n == "*"),
+        Err(e) => {
+            tracing::error!(annotation = FENCED_ANNOTATION, value = %raw, error = %e, "not a JSON list of instance names; ignored");
+            false
+        }
+    }
+}
+
+fn switchover_request(cluster: &Value) -> Option<String> {
+    cluster
+        .get("metadata")?
+        .get("annotations")?
+        .get(SWITCHOVER_ANNOTATION)?
+        .as_str()
+        .map(str::to_string)
+        .filter(|s| !s.is_empty())
+}
+
+fn describe(action: &Action) -> String {
+    match action {
+        Action::Wait(reason) => format!("wait: {reason}"),
+        Action::Renew => "lead".into(),
+        Action::Fence(reason) => format!("fence: {reason}"),
+        Action::FenceAndRelease => "fenced".into(),
+        Action::Acquire => "take the expired Lease".into(),
+        Action::Promote => "promote".into(),
+        Action::Demote { primary } => format!("demote and follow {primary}"),
+        Action::Follow { primary } => format!("follow {primary}"),
+        Action::RestartLocally => "restart Postgres locally".into(),
+        Action::Release => "give the Lease up".into(),
+        Action::StartPrimary => "start as primary".into(),
+        Action::Bootstrap => "initialise the cluster".into(),
+        Action::StartStandby => "start as a standby to compete".into(),
+    }
+}
+
+/// Wakes the elector whenever the Lease changes (a handover must be noticed at once, not at
+/// the next retry period).
+async fn watch_lease(api: Api<K8sLease>, name: String, wake: Arc<Notify>) {
+    use kube::runtime::WatchStreamExt;
+    let config = watcher::Config::default()
+        .fields(&format!("metadata.name={name}"))
+        .timeout(crate::k8s::WATCH_TIMEOUT.as_secs() as u32);
+    let stream = watcher(api, config).default_backoff();
+    futures::pin_mut!(stream);
+    while let Some(event) = stream.next().await {
+        if matches!(
+            event,
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))
+        ) {
+            wake.notify_one();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fencing_annotation() {
+        let with = |v: &str| json!({"metadata": {"annotations": {FENCED_ANNOTATION: v}}});
+        assert!(fenced(&with(r#"["pg-1"]"#), "pg-1"));
+        assert!(!fenced(&with(r#"["pg-1"]"#), "pg-2"));
+        assert!(fenced(&with(r#"["*"]"#), "pg-2"));
+        assert!(!fenced(&with("pg-1"), "pg-1"), "not JSON: ignored");
+        assert!(!fenced(&json!({}), "pg-1"));
+        assert_eq!(
+            switchover_request(
+                &json!({"metadata": {"annotations": {SWITCHOVER_ANNOTATION: "pg-2"}}})
+            ),
+            Some("pg-2".into())
+        );
+    }
+}

@@ -1,0 +1,133 @@
+//! The other instances as they describe themselves: their status entries in the
+//! PostgresCluster (where to reach them) and their live `/pg/status` (fetched directly, with
+//! short timeouts, because a failover decision must not trust a report that may be seconds old).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::decide::Peer;
+use super::replica::Address;
+use crate::postgres::lsn::Lsn;
+
+/// Where an instance says it can be reached (from `status.instances.<name>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub name: String,
+    pub postgres: Option<Address>,
+    pub status: Option<String>,
+}
+
+/// The members listed in the cluster's status, this instance excluded.
+pub fn members(cluster: &Value, me: &str) -> Vec<Member> {
+    let Some(instances) = cluster
+        .get("status")
+        .and_then(|s| s.get("instances"))
+        .and_then(Value::as_object)
+    else {
+        return Vec::new();
+    };
+    instances
+        .iter()
+        .filter(|(name, _)| name.as_str() != me)
+        .map(|(name, e)| Member {
+            name: name.clone(),
+            postgres: e
+                .get("postgresAddress")
+                .and_then(Value::as_str)
+                .and_then(Address::parse),
+            status: e
+                .get("statusAddress")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+        })
+        .collect()
+}
+
+/// A peer's live state, as far as the decision needs it.
+pub fn from_status(name: &str, doc: &Value) -> Peer {
+    let pg = doc.get("postgres").filter(|p| !p.is_null());
+    let lsn = |key: &str| -> Option<Lsn> { pg?.get("lsn")?.get(key)?.as_str()?.parse().ok() };
+    let newest = [lsn("current"), lsn("received"), lsn("replayed")]
+        .into_iter()
+        .flatten()
+        .max();
+    Peer {
+        name: name.to_string(),
+        healthy: doc.get("health").and_then(Value::as_str) == Some("ready"),
+        fenced: doc
+            .get("ha")
+            .and_then(|h| h.get("fenced"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        replica: pg.and_then(|p| p.get("role")).and_then(Value::as_str) == Some("replica"),
+        primary: doc
+            .get("ha")
+            .and_then(|h| h.get("role"))
+            .and_then(Value::as_str)
+            == Some("primary"),
+        lsn: newest,
+        replayed: lsn("replayed"),
+    }
+}
+
+/// Fetches every member's `/pg/status` at once; members that do not answer in `timeout` are
+/// left out (a candidate decides from those it heard).
+pub async fn fetch(
+    http: &reqwest::Client,
+    members: &[Member],
+    timeout: Duration,
+) -> BTreeMap<String, Value> {
+    let calls = members.iter().filter_map(|m| {
+        let url = format!("http://{}/pg/status", m.status.as_ref()?);
+        let name = m.name.clone();
+        Some(async move {
+            let doc = async {
+                let response = http.get(&url).timeout(timeout).send().await.ok()?;
+                let body = response.bytes().await.ok()?;
+                serde_json::from_slice::<Value>(&body).ok()
+            };
+            (
+                name,
+                tokio::time::timeout(timeout, doc).await.ok().flatten(),
+            )
+        })
+    });
+    futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .filter_map(|(name, doc)| Some((name, doc?)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn members_and_peers_from_documents() {
+        let cluster = json!({"status": {"instances": {
+            "pg-0": {"postgresAddress": "10.0.0.1:5432", "statusAddress": "10.0.0.1:8000"},
+            "pg-1": {"role": "replica"},
+            "me": {"postgresAddress": "10.0.0.3:5432"}
+        }}});
+        let m = members(&cluster, "me");
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].postgres.as_ref().map(|a| a.port), Some(5432));
+        assert_eq!(m[0].status.as_deref(), Some("10.0.0.1:8000"));
+        assert_eq!(m[1].postgres, None);
+
+        let doc = json!({"health": "ready", "ha": {"fenced": false},
+            "postgres": {"role": "replica", "lsn": {"current": null, "received": "0/3000100", "replayed": "0/3000000"}}});
+        let p = from_status("pg-1", &doc);
+        assert!(p.healthy && p.replica && !p.fenced);
+        assert_eq!(p.lsn, Some(Lsn(0x3000100)));
+        let stopped = from_status(
+            "pg-2",
+            &json!({"health": "fenced", "ha": {"fenced": true}, "postgres": null}),
+        );
+        assert!(!stopped.healthy && stopped.fenced && stopped.lsn.is_none());
+    }
+}

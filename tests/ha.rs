@@ -1,0 +1,695 @@
+//! High availability with three real instances against the test API server: bootstrap,
+//! failover after kill -9, a hung primary, a partitioned primary, switchover (annotation, CLI,
+//! SIGTERM), fencing, quorum commit, the lag limit on promotion, and a chaos loop. Acknowledged
+//! commits are never lost, and no two instances are ever writable at once.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::cluster::{
+    connect_within, eventually, quorum, slot_name, Cluster, Rng, FENCED_INSTANCES, SWITCHOVER_TO,
+};
+use tokio::time::{sleep, timeout};
+
+/// Upper bound for a wait: catches hangs, asserts nothing about speed.
+const LONG: Duration = Duration::from_secs(120);
+
+fn no_change(_: &mut Value) {}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bootstrap_one_primary_two_streaming_standbys_with_slots() {
+    let c = Cluster::start(3, no_change);
+    let p = c.wait_all_streaming(Duration::from_secs(180)).await;
+    let primary = c.name(p).to_string();
+    assert_eq!(c.lease_holder().as_deref(), Some(primary.as_str()));
+
+    // Everyone agrees on the leader; the standbys follow it.
+    let mut system_ids = Vec::new();
+    for i in 0..3 {
+        let s = c.status(i).await;
+        assert_eq!(s["ha"]["leader"], primary, "{}: {s}", c.name(i));
+        assert_eq!(s["ha"]["fenced"], false, "{}: {s}", c.name(i));
+        if i == p {
+            assert_eq!(s["ha"]["role"], "primary", "{s}");
+            assert_eq!(s["postgres"]["role"], "primary", "{s}");
+        } else {
+            assert_eq!(s["ha"]["role"], "replica", "{s}");
+            assert_eq!(s["ha"]["following"], primary, "{s}");
+            assert_eq!(s["postgres"]["role"], "replica", "{s}");
+        }
+        system_ids.push(s["postgres"]["system_identifier"].clone());
+    }
+    // One initdb: the standbys are clones of the primary.
+    assert!(system_ids[0].is_string(), "{system_ids:?}");
+    assert!(
+        system_ids.iter().all(|id| *id == system_ids[0]),
+        "{system_ids:?}"
+    );
+
+    // One active physical slot per standby, named after it.
+    let expected: Vec<String> = c.others(p).iter().map(|&i| slot_name(c.name(i))).collect();
+    let pc = c.client(p).await.expect("a session on the primary");
+    let wanted = expected.clone();
+    let slots = eventually("both standbys' slots active", LONG, async || {
+        let rows = pc
+            .query(
+                "SELECT slot_name::text, slot_type, active FROM pg_replication_slots ORDER BY 1",
+                &[],
+            )
+            .await
+            .ok()?;
+        let slots: Vec<(String, String, bool)> = rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        wanted
+            .iter()
+            .all(|w| {
+                slots
+                    .iter()
+                    .any(|(n, t, a)| n == w && t == "physical" && *a)
+            })
+            .then_some(slots)
+    })
+    .await;
+    assert_eq!(slots.len(), 2, "only the standbys' slots: {slots:?}");
+    let s = c.status(p).await;
+    let listed: Vec<&str> = s["postgres"]["slots"]
+        .as_array()
+        .expect("postgres.slots")
+        .iter()
+        .filter_map(|slot| slot["slot_name"].as_str().or(slot["name"].as_str()))
+        .collect();
+    for w in &expected {
+        assert!(listed.contains(&w.as_str()), "{w} in {s}");
+    }
+    // Each standby streams under its own name.
+    let streaming: Vec<&str> = s["postgres"]["replication"]
+        .as_array()
+        .expect("postgres.replication")
+        .iter()
+        .filter(|r| r["state"] == "streaming")
+        .filter_map(|r| r["application_name"].as_str())
+        .collect();
+    for i in c.others(p) {
+        assert!(streaming.contains(&c.name(i)), "{} in {s}", c.name(i));
+    }
+
+    // Each instance advertises its addresses.
+    let instances = c.cluster()["status"]["instances"].clone();
+    for i in 0..3 {
+        let e = &instances[c.name(i)];
+        assert_eq!(
+            e["postgresAddress"],
+            format!("127.0.0.1:{}", c.port(i)),
+            "{instances}"
+        );
+        assert_eq!(
+            e["statusAddress"],
+            format!("127.0.0.1:{}", c.status_port(i)),
+            "{instances}"
+        );
+    }
+
+    // Data flows to the standbys; they refuse writes.
+    pc.batch_execute("CREATE TABLE boot (v int); INSERT INTO boot VALUES (42)")
+        .await
+        .unwrap();
+    for i in c.others(p) {
+        let v: i32 = eventually("the row on the standby", LONG, async || {
+            c.query_value(i, "SELECT v FROM boot").await
+        })
+        .await;
+        assert_eq!(v, 42);
+        let sc = c.client(i).await.expect("a session on the standby");
+        let err = sc
+            .execute("INSERT INTO boot VALUES (1)", &[])
+            .await
+            .expect_err("a standby refuses writes");
+        let message = err.as_db_error().map(|e| e.message().to_string());
+        assert!(
+            message.as_deref().is_some_and(|m| m.contains("read-only")),
+            "{err:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_primary_fails_over_without_losing_acknowledged_commits() {
+    let mut c = Cluster::start_ready(3, quorum).await;
+    let writer = c.writer().await;
+    let checker = c.checker();
+    writer.wait_progress(50, LONG).await;
+
+    let old = c.wait_primary(LONG).await;
+    c.kill9(old);
+    let new = c.wait_new_primary(old, LONG).await;
+    writer.wait_progress(50, LONG).await;
+    let name = c.name(new).to_string();
+    eventually(
+        "status.currentPrimary naming the new primary",
+        LONG,
+        async || (c.current_primary().as_deref() == Some(name.as_str())).then_some(()),
+    )
+    .await;
+
+    // The old primary, restarted, comes back as a standby of the new one.
+    c.restart(old);
+    assert_eq!(c.wait_streaming(old, LONG).await, new);
+    writer.wait_progress(20, LONG).await;
+
+    let acked = writer.stop().await;
+    c.assert_no_loss(&acked, new).await;
+    c.assert_no_loss(&acked, old).await;
+    checker.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hung_primary_refuses_writes_after_resume() {
+    let mut c = Cluster::start_ready(3, quorum).await;
+    let writer = c.writer().await;
+    let checker = c.checker();
+    writer.wait_progress(50, LONG).await;
+
+    let old = c.wait_primary(LONG).await;
+    // A session opened on the primary before it hangs.
+    let stale = connect_within(c.port(old), Duration::from_secs(3), None)
+        .await
+        .expect("a session on the primary");
+    stale.batch_execute("SELECT 1").await.unwrap();
+
+    c.stop_node(old);
+    let new = c.wait_new_primary(old, LONG).await;
+    writer.wait_progress(50, LONG).await;
+    c.cont_node(old).await;
+
+    // The session from before the hang cannot commit anything.
+    let r = timeout(
+        Duration::from_secs(30),
+        stale.execute("INSERT INTO ha_writes (id) VALUES (-1)", &[]),
+    )
+    .await;
+    assert!(
+        !matches!(r, Ok(Ok(_))),
+        "the deposed primary acknowledged a write after resuming"
+    );
+    // Nor can new sessions, from resume until it has rejoined.
+    for k in 0..10i64 {
+        if let Some(s) = c.client(old).await {
+            let r = timeout(
+                Duration::from_secs(3),
+                s.execute("INSERT INTO ha_writes (id) VALUES ($1)", &[&(-2 - k)]),
+            )
+            .await;
+            assert!(
+                !matches!(r, Ok(Ok(_))),
+                "the deposed primary acknowledged a write from a new session"
+            );
+        }
+        sleep(Duration::from_millis(500)).await;
+    }
+
+    assert_eq!(c.wait_streaming(old, LONG).await, new);
+    let s = c.status(old).await;
+    assert_eq!(s["ha"]["role"], "replica", "{s}");
+    assert_eq!(s["postgres"]["role"], "replica", "{s}");
+    writer.wait_progress(20, LONG).await;
+
+    let acked = writer.stop().await;
+    c.assert_no_loss(&acked, new).await;
+    let stray: i64 = c
+        .query_value(new, "SELECT count(*) FROM ha_writes WHERE id < 0")
+        .await
+        .expect("a count");
+    assert_eq!(stray, 0, "a write on the deposed primary survived");
+    checker.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partitioned_primary_fences_itself_and_rejoins() {
+    let mut c = Cluster::start_ready(3, quorum).await;
+    let writer = c.writer().await;
+    let checker = c.checker();
+    writer.wait_progress(50, LONG).await;
+
+    let old = c.wait_primary(LONG).await;
+    c.partition(old, true);
+    let new = c.wait_new_primary(old, LONG).await;
+    // By the time another instance leads, the partitioned one takes no writes (it had to stop
+    // within the renew deadline, before the Lease could expire for the others).
+    assert_ne!(
+        c.writable(old).await,
+        Some(true),
+        "the partitioned old primary still takes writes:\n{}",
+        c.describe().await
+    );
+    let s = c.status(old).await;
+    assert!(s.is_object(), "its pgwarden still answers");
+    assert_ne!(s["ha"]["role"], "primary", "{s}");
+    assert!(c.is_running(old), "its pgwarden stays up");
+    assert_eq!(c.http_code(old, "/healthz").await, Some(200));
+    writer.wait_progress(50, LONG).await;
+
+    c.partition(old, false);
+    assert_eq!(c.wait_streaming(old, LONG).await, new);
+    let name = c.name(new).to_string();
+    eventually(
+        "status.currentPrimary naming the new primary",
+        LONG,
+        async || (c.current_primary().as_deref() == Some(name.as_str())).then_some(()),
+    )
+    .await;
+    writer.wait_progress(20, LONG).await;
+
+    let acked = writer.stop().await;
+    c.assert_no_loss(&acked, new).await;
+    c.assert_no_loss(&acked, old).await;
+    checker.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn switchover_by_annotation_and_by_cli() {
+    let c = Cluster::start_ready(3, quorum).await;
+    let writer = c.writer().await;
+    let checker = c.checker();
+    writer.wait_progress(50, LONG).await;
+
+    let first = c.wait_primary(LONG).await;
+    let others = c.others(first);
+    let (second, third) = (others[0], others[1]);
+
+    // By annotation.
+    c.annotate(SWITCHOVER_TO, Some(c.name(second)));
+    let now = c.wait_new_primary(first, LONG).await;
+    assert_eq!(now, second, "the requested target became primary");
+    eventually("the switchover annotation removed", LONG, async || {
+        c.annotation(SWITCHOVER_TO).is_none().then_some(())
+    })
+    .await;
+    assert_eq!(c.wait_streaming(first, LONG).await, second);
+    let name = c.name(second).to_string();
+    eventually(
+        "status.currentPrimary naming the target",
+        LONG,
+        async || (c.current_primary().as_deref() == Some(name.as_str())).then_some(()),
+    )
+    .await;
+    writer.wait_progress(50, LONG).await;
+
+    // By the CLI: it returns once the target is primary.
+    let (status, out) = c.switchover_cli(c.name(third), LONG).await;
+    assert!(status.success(), "{status}: {out}");
+    let now = eventually(
+        "the CLI's target as primary",
+        Duration::from_secs(15),
+        async || c.primary().await,
+    )
+    .await;
+    assert_eq!(now, third, "{}", c.describe().await);
+    assert_eq!(c.wait_streaming(second, LONG).await, third);
+    assert_eq!(c.wait_streaming(first, LONG).await, third);
+    assert_eq!(c.annotation(SWITCHOVER_TO), None);
+    writer.wait_progress(50, LONG).await;
+
+    // A target that does not exist is refused, with a message; nothing changes.
+    let (status, out) = c.switchover_cli("pg-9", LONG).await;
+    assert!(!status.success(), "switchover to pg-9 succeeded: {out}");
+    assert!(!out.trim().is_empty(), "refused without a message");
+    eventually("the refused annotation removed", LONG, async || {
+        c.annotation(SWITCHOVER_TO).is_none().then_some(())
+    })
+    .await;
+    assert_eq!(c.wait_primary(LONG).await, third);
+    writer.wait_progress(20, LONG).await;
+
+    let acked = writer.stop().await;
+    c.assert_no_loss(&acked, third).await;
+    checker.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_of_primary_hands_over_before_stopping() {
+    let mut c = Cluster::start_ready(3, quorum).await;
+    let writer = c.writer().await;
+    let checker = c.checker();
+    writer.wait_progress(50, LONG).await;
+
+    let old = c.wait_primary(LONG).await;
+    c.sigterm(old);
+    let status = c.wait_exit(old, LONG).await;
+    // At exit the leadership has already moved (no waiting for the Lease to expire).
+    let holder = c.lease_holder();
+    assert!(status.success(), "{status}\n{}", c.output(old));
+    assert!(
+        holder.is_some() && holder.as_deref() != Some(c.name(old)),
+        "the Lease is still {holder:?} when the old primary exited"
+    );
+    let left = c.processes(old);
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+    let new = c.wait_new_primary(old, LONG).await;
+    assert_eq!(Some(c.name(new)), holder.as_deref());
+    writer.wait_progress(50, LONG).await;
+
+    c.restart(old);
+    assert_eq!(c.wait_streaming(old, LONG).await, new);
+    let acked = writer.stop().await;
+    c.assert_no_loss(&acked, new).await;
+    checker.assert_clean().await;
+}
+
+/// Waits until instance `i` is fenced: Postgres stopped, pgwarden alive, live but not ready.
+async fn wait_fenced(c: &Cluster, i: usize) {
+    let what = format!("{} fenced", c.name(i));
+    eventually(&what, LONG, async || {
+        let s = c.status(i).await;
+        (s["health"] == "fenced"
+            && s["ha"]["fenced"] == true
+            && s["ha"]["role"] == "fenced"
+            && s["postgres"].is_null())
+        .then_some(())
+    })
+    .await;
+    assert!(
+        c.client(i).await.is_none(),
+        "{}: Postgres still answers",
+        c.name(i)
+    );
+    assert_eq!(c.http_code(i, "/healthz").await, Some(200));
+    assert_eq!(c.http_code(i, "/readyz").await, Some(503));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fencing_and_unfencing_standby_and_primary() {
+    let mut c = Cluster::start_ready(3, no_change).await;
+    let checker = c.checker();
+    let p = c.wait_primary(LONG).await;
+    let pc = c.client(p).await.unwrap();
+    pc.batch_execute("CREATE TABLE fence_marks (v int); INSERT INTO fence_marks VALUES (1)")
+        .await
+        .unwrap();
+    drop(pc);
+
+    // A standby.
+    let s = c.others(p)[0];
+    c.annotate(FENCED_INSTANCES, Some(&json!([c.name(s)]).to_string()));
+    wait_fenced(&c, s).await;
+    assert!(c.is_running(s));
+    assert_eq!(c.primary().await, Some(p), "the primary is not disturbed");
+    let name = c.name(s).to_string();
+    eventually("the fenced standby gone from pg_stat_replication", LONG, async || {
+        let n: i64 = c
+            .query_value(
+                p,
+                &format!("SELECT count(*) FROM pg_stat_replication WHERE application_name = '{name}'"),
+            )
+            .await?;
+        (n == 0).then_some(())
+    })
+    .await;
+    c.annotate(FENCED_INSTANCES, None);
+    assert_eq!(c.wait_streaming(s, LONG).await, p);
+    eventually("the unfenced standby ready", LONG, async || {
+        (c.http_code(s, "/readyz").await == Some(200)).then_some(())
+    })
+    .await;
+
+    // The primary: its Postgres stops, its pgwarden stays.
+    c.annotate(FENCED_INSTANCES, Some(&json!([c.name(p)]).to_string()));
+    wait_fenced(&c, p).await;
+    assert!(c.is_running(p));
+    c.annotate(FENCED_INSTANCES, None);
+    let now = c.wait_all_streaming(LONG).await;
+    let v: i32 = c
+        .query_value(now, "SELECT v FROM fence_marks")
+        .await
+        .unwrap();
+    assert_eq!(v, 1);
+
+    // Everyone.
+    c.annotate(FENCED_INSTANCES, Some(r#"["*"]"#));
+    for i in 0..3 {
+        wait_fenced(&c, i).await;
+    }
+    for i in 0..3 {
+        assert!(c.is_running(i), "{} pgwarden alive", c.name(i));
+        assert_ne!(c.writable(i).await, Some(true));
+    }
+    c.annotate(FENCED_INSTANCES, None);
+    let now = c.wait_all_streaming(LONG).await;
+    let v: i32 = c
+        .query_value(now, "SELECT v FROM fence_marks")
+        .await
+        .unwrap();
+    assert_eq!(v, 1);
+    for i in 0..3 {
+        let s = c.status(i).await;
+        assert_eq!(s["ha"]["fenced"], false, "{s}");
+    }
+    checker.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quorum_commits_wait_without_standbys() {
+    let mut c = Cluster::start_ready(3, quorum).await;
+    let p = c.wait_primary(LONG).await;
+    let session = connect_within(c.port(p), Duration::from_secs(3), None)
+        .await
+        .expect("a session on the primary");
+    timeout(LONG, session.batch_execute("CREATE TABLE q (v int)"))
+        .await
+        .expect("DDL commits with standbys")
+        .unwrap();
+
+    let standbys = c.others(p);
+    for &s in &standbys {
+        c.kill9(s);
+    }
+    let pending = tokio::spawn(async move {
+        let r = session.execute("INSERT INTO q VALUES (1)", &[]).await;
+        (session, r.map_err(|e| e.to_string()))
+    });
+    sleep(Duration::from_secs(5)).await;
+    assert!(
+        !pending.is_finished(),
+        "a commit returned without a standby to confirm it"
+    );
+    let waiting: i64 = c
+        .query_value(
+            p,
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+        )
+        .await
+        .expect("a count");
+    assert!(waiting >= 1, "no backend waits for synchronous replication");
+    let s = c.status(p).await;
+    assert_eq!(s["ha"]["role"], "primary", "it stays primary: {s}");
+
+    // One standby back: the commit completes.
+    c.restart(standbys[0]);
+    let (_session, r) = timeout(LONG, pending)
+        .await
+        .expect("the commit completes once a standby is back")
+        .unwrap();
+    assert_eq!(r, Ok(1));
+    assert_eq!(c.wait_streaming(standbys[0], LONG).await, p);
+    let n: i64 = eventually("the row on the standby", LONG, async || {
+        c.query_value(standbys[0], "SELECT count(*) FROM q").await
+    })
+    .await;
+    assert_eq!(n, 1);
+
+    c.restart(standbys[1]);
+    assert_eq!(c.wait_streaming(standbys[1], LONG).await, p);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lagging_asynchronous_standby_is_not_promoted() {
+    const MAX_LAG: i64 = 1 << 20;
+    let mut c = Cluster::start_ready(3, |s| {
+        s["failover"]["maximumLagBytes"] = json!(MAX_LAG);
+    })
+    .await;
+    let checker = c.checker();
+    let p = c.wait_primary(LONG).await;
+    let others = c.others(p);
+    let (lagging, good) = (others[0], others[1]);
+
+    // The lagging standby receives WAL but does not replay it.
+    let lc = c.client(lagging).await.unwrap();
+    lc.batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .unwrap();
+    let pc = c.client(p).await.unwrap();
+    pc.batch_execute(
+        "CREATE TABLE filler (id int, pad text);
+         INSERT INTO filler SELECT g, repeat('x', 1000) FROM generate_series(1, 8000) g",
+    )
+    .await
+    .unwrap();
+    let end: String = pc
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let caught_up = format!("SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '{end}') >= 0");
+    eventually("the good standby caught up", LONG, async || {
+        c.query_value::<bool>(good, &caught_up).await?.then_some(())
+    })
+    .await;
+    let lag_sql = format!(
+        "SELECT pg_wal_lsn_diff(pg_last_wal_receive_lsn(), '{end}') >= 0
+            AND pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()) > {MAX_LAG}
+            AND pg_get_wal_replay_pause_state() = 'paused'"
+    );
+    eventually(
+        "the paused standby received everything, replayed little",
+        LONG,
+        async || {
+            c.query_value::<bool>(lagging, &lag_sql)
+                .await?
+                .then_some(())
+        },
+    )
+    .await;
+
+    // The primary and the good standby die at once: only the lagging one is left.
+    c.kill9(p);
+    c.kill9(good);
+    let paused_sql = "SELECT pg_is_in_recovery(), pg_get_wal_replay_pause_state()";
+    let watch = Duration::from_secs(20); // more than three lease durations
+    let started = std::time::Instant::now();
+    while started.elapsed() < watch {
+        if let Some(lc) = c.client(lagging).await {
+            if let Ok(Ok(row)) =
+                timeout(Duration::from_secs(3), lc.query_one(paused_sql, &[])).await
+            {
+                let (in_recovery, pause): (bool, String) = (row.get(0), row.get(1));
+                assert!(in_recovery, "the lagging standby was promoted");
+                assert_eq!(
+                    pause, "paused",
+                    "replay resumed on the lagging standby (Postgres restarted?): the test's premise is gone"
+                );
+            }
+        }
+        let s = c.status(lagging).await;
+        assert_ne!(s["ha"]["role"], "primary", "{s}");
+        sleep(Duration::from_millis(500)).await;
+    }
+
+    // The good standby back: it is promoted, not the lagging one.
+    c.restart(good);
+    assert_eq!(c.wait_primary(LONG).await, good);
+    // Replay resumed, the lagging standby follows the new primary; the old primary rejoins.
+    if let Some(lc) = c.client(lagging).await {
+        let _ = timeout(
+            Duration::from_secs(5),
+            lc.batch_execute("SELECT pg_wal_replay_resume()"),
+        )
+        .await;
+    }
+    assert_eq!(c.wait_streaming(lagging, LONG).await, good);
+    c.restart(p);
+    assert_eq!(c.wait_streaming(p, LONG).await, good);
+    let n: i64 = c
+        .query_value(good, "SELECT count(*) FROM filler")
+        .await
+        .unwrap();
+    assert_eq!(n, 8000);
+    checker.assert_clean().await;
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Failure {
+    Kill9,
+    Hang,
+    Partition,
+    Switchover,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_loop_loses_no_acknowledged_commit() {
+    let mut rng = Rng::from_env_or_time();
+    let mut c = Cluster::start_ready(3, quorum).await;
+    let writer = c.writer().await;
+    let checker = c.checker();
+    writer.wait_progress(50, LONG).await;
+
+    const ROUNDS: usize = 12;
+    let failures = [
+        Failure::Kill9,
+        Failure::Hang,
+        Failure::Partition,
+        Failure::Switchover,
+    ];
+    for round in 0..ROUNDS {
+        let p = c.wait_primary(LONG).await;
+        // Mostly the primary: that is where failures matter.
+        let target = if rng.below(10) < 6 {
+            p
+        } else {
+            rng.pick(&c.others(p))
+        };
+        let failure = rng.pick(&failures);
+        eprintln!(
+            "chaos round {round}: {failure:?} on {} (primary {}), {} commits so far",
+            c.name(target),
+            c.name(p),
+            writer.acked_count()
+        );
+        match failure {
+            Failure::Kill9 => {
+                c.kill9(target);
+                sleep(rng.millis(0, 5000)).await;
+                c.restart(target);
+            }
+            Failure::Hang => {
+                c.stop_node(target);
+                if target == p && rng.below(2) == 0 {
+                    c.wait_new_primary(p, LONG).await;
+                } else {
+                    sleep(rng.millis(500, 8000)).await;
+                }
+                c.cont_node(target).await;
+            }
+            Failure::Partition => {
+                c.partition(target, true);
+                if target == p && rng.below(2) == 0 {
+                    c.wait_new_primary(p, LONG).await;
+                } else {
+                    sleep(rng.millis(500, 8000)).await;
+                }
+                c.partition(target, false);
+            }
+            Failure::Switchover => {
+                let to = rng.pick(&c.others(p));
+                c.annotate(SWITCHOVER_TO, Some(c.name(to)));
+                eventually("the switchover done or refused", LONG, async || {
+                    c.annotation(SWITCHOVER_TO).is_none().then_some(())
+                })
+                .await;
+            }
+        }
+        // The orchestrator restarts a container whose pgwarden exited.
+        for i in 0..c.len() {
+            if !c.is_running(i) {
+                eprintln!("chaos round {round}: {} exited; restarting it", c.name(i));
+                c.restart(i);
+            }
+        }
+        let now = c.wait_primary(LONG).await;
+        // Commits go on (with quorum commit, a standby confirms them) before the next failure.
+        writer.wait_progress(20, LONG).await;
+        eprintln!("chaos round {round}: primary {}", c.name(now));
+    }
+
+    let p = c.wait_all_streaming(Duration::from_secs(180)).await;
+    writer.wait_progress(20, LONG).await;
+    let acked = writer.stop().await;
+    for i in 0..c.len() {
+        c.assert_no_loss(&acked, i).await;
+    }
+    assert_eq!(c.wait_all_streaming(LONG).await, p);
+    checker.assert_clean().await;
+}
