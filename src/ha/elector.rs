@@ -135,7 +135,7 @@ impl Elector {
             let deadline = self
                 .lease
                 .since_renew()
-                .map(|since| timings.renew_deadline.saturating_sub(since))
+                .and_then(|since| timings.renew_deadline.checked_sub(since))
                 .unwrap_or(timings.retry)
                 .min(timings.retry);
             tokio::select! {
@@ -427,8 +427,19 @@ impl Elector {
                 }
                 r
             }
+            // Renewing more often than the retry period buys nothing (and every renewal wakes
+            // the other instances' Lease watches).
+            Step::Done
+                if self
+                    .lease
+                    .since_renew()
+                    .is_some_and(|s| s < tick.observed.timings.retry.mul_f32(0.9)) =>
+            {
+                Ok(true)
+            }
             Step::Done => self.lease.renew_publishing(&published).await,
         };
+        memory.following = None;
         match renewed {
             Ok(true) => {}
             Ok(false) => tracing::warn!("the Lease changed under me; re-reading"),
@@ -481,6 +492,13 @@ impl Elector {
         }
         match self.postmaster.promote().await {
             Ok(()) => {
+                if let Err(e) = self
+                    .postmaster
+                    .set_replication(Replication::default())
+                    .await
+                {
+                    tracing::error!(error = %e, "cannot render the primary's settings");
+                }
                 memory.following = None;
                 memory.standby = false;
                 memory.applied = Sync::Off;
@@ -982,8 +1000,8 @@ fn describe(action: &Action) -> String {
     }
 }
 
-/// Wakes the elector whenever the Lease changes (a handover must be noticed at once, not at
-/// the next retry period).
+/// Wakes the elector whenever the Lease changes hands (a handover must be noticed at once,
+/// not at the next retry period); renewals do not wake it.
 async fn watch_lease(api: Api<K8sLease>, name: String, wake: Arc<Notify>) {
     use kube::runtime::WatchStreamExt;
     let config = watcher::Config::default()
@@ -991,11 +1009,17 @@ async fn watch_lease(api: Api<K8sLease>, name: String, wake: Arc<Notify>) {
         .timeout(crate::k8s::WATCH_TIMEOUT.as_secs() as u32);
     let stream = watcher(api, config).default_backoff();
     futures::pin_mut!(stream);
+    let mut holder: Option<Option<String>> = None;
     while let Some(event) = stream.next().await {
-        if matches!(
-            event,
-            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))
-        ) {
+        let now = match event {
+            Ok(watcher::Event::Apply(l) | watcher::Event::InitApply(l)) => {
+                l.spec.and_then(|s| s.holder_identity)
+            }
+            Ok(watcher::Event::Delete(_)) => None,
+            _ => continue,
+        };
+        if holder.as_ref() != Some(&now) {
+            holder = Some(now);
             wake.notify_one();
         }
     }

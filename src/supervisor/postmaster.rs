@@ -431,16 +431,11 @@ impl Actor {
     }
 
     /// Promotes with `pg_promote` (which waits until the server accepts writes). The files
-    /// are rendered as a primary first: should Postgres die during the promotion, it comes
-    /// back as a primary, which is what the caller (the Lease holder) decided.
+    /// stay as they are meanwhile (Postgres removes `standby.signal` itself, and fails if it
+    /// is gone already); the caller renders the primary's settings afterwards.
     fn promote(&mut self, reply: Reply<Result<(), String>>) {
         if !matches!(self.phase, Phase::Running) {
             let _ = reply.send(Err("postgres is not running".into()));
-            return;
-        }
-        self.spec.settings.replication.standby = None;
-        if let Err(e) = self.render() {
-            let _ = reply.send(Err(e));
             return;
         }
         let s = &self.spec.settings;
