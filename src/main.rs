@@ -62,6 +62,22 @@ enum Cmd {
         /// `%p`: the file's path, relative to the data directory.
         path: PathBuf,
     },
+    /// Hand the primary role to another instance (a planned switchover). Sets the
+    /// `pgwarden.dev/switchover-to` annotation on the PostgresCluster and waits for the result.
+    Switchover {
+        /// The standby to promote.
+        #[arg(long)]
+        to: String,
+        /// The PostgresCluster's name.
+        #[arg(long)]
+        cluster: String,
+        /// Default: the kubeconfig's namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// How long to wait for the new primary.
+        #[arg(long, default_value = "60s", value_parser = humantime_duration)]
+        timeout: std::time::Duration,
+    },
     /// Restore one WAL file from the archive (Postgres's restore_command).
     WalRestore {
         #[arg(long)]
@@ -86,6 +102,17 @@ fn main() {
             0
         }
         Cmd::Run { config } => run_main(config, cli.log_format),
+        Cmd::Switchover {
+            to,
+            cluster,
+            namespace,
+            timeout,
+        } => switchover(pgwarden::ha::switchover::Request {
+            cluster,
+            namespace,
+            to,
+            timeout,
+        }),
         Cmd::WalArchive { settings, path } => {
             pgwarden::wal::commands::wal_archive(&settings, &path)
         }
@@ -107,6 +134,30 @@ fn main() {
     };
     let _ = std::io::stdout().flush();
     std::process::exit(code);
+}
+
+fn humantime_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime_serde::re::humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn switchover(request: pgwarden::ha::switchover::Request) -> i32 {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(pgwarden::ha::switchover::run(request)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("{e:#}");
+            1
+        }
+    }
 }
 
 fn run_main(config_path: Option<PathBuf>, log_format: LogFormat) -> i32 {

@@ -75,27 +75,31 @@ async fn bootstrap_one_primary_two_streaming_standbys_with_slots() {
     })
     .await;
     assert_eq!(slots.len(), 2, "only the standbys' slots: {slots:?}");
-    let s = c.status(p).await;
-    let listed: Vec<&str> = s["postgres"]["slots"]
-        .as_array()
-        .expect("postgres.slots")
-        .iter()
-        .filter_map(|slot| slot["slot_name"].as_str().or(slot["name"].as_str()))
-        .collect();
-    for w in &expected {
-        assert!(listed.contains(&w.as_str()), "{w} in {s}");
-    }
-    // Each standby streams under its own name.
-    let streaming: Vec<&str> = s["postgres"]["replication"]
-        .as_array()
-        .expect("postgres.replication")
-        .iter()
-        .filter(|r| r["state"] == "streaming")
-        .filter_map(|r| r["application_name"].as_str())
-        .collect();
-    for i in c.others(p) {
-        assert!(streaming.contains(&c.name(i)), "{} in {s}", c.name(i));
-    }
+    // /pg/status shows the same (from the monitor's next refresh): both slots, and each
+    // standby streaming under its own name.
+    let names: Vec<String> = c.others(p).iter().map(|&i| c.name(i).to_string()).collect();
+    eventually(
+        "/pg/status listing the slots and streaming standbys",
+        LONG,
+        async || {
+            let s = c.status(p).await;
+            let listed: Vec<&str> = s["postgres"]["slots"]
+                .as_array()?
+                .iter()
+                .filter_map(|slot| slot["name"].as_str())
+                .collect();
+            let streaming: Vec<&str> = s["postgres"]["replication"]
+                .as_array()?
+                .iter()
+                .filter(|r| r["state"] == "streaming")
+                .filter_map(|r| r["application_name"].as_str())
+                .collect();
+            (expected.iter().all(|w| listed.contains(&w.as_str()))
+                && names.iter().all(|n| streaming.contains(&n.as_str())))
+            .then_some(())
+        },
+    )
+    .await;
 
     // Each instance advertises its addresses.
     let instances = c.cluster()["status"]["instances"].clone();

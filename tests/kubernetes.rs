@@ -242,6 +242,7 @@ async fn spec_parameters_are_applied_rejected_with_postgres_message_and_restarte
 async fn status_entries_and_pod_labels_follow_state_and_two_instances_keep_both_entries() {
     let server = ApiServer::start();
     seed(&server, json!({}), &["pg-0", "pg-1"], support::PASSWORD);
+    set_spec(&server, |s| s["instances"] = json!(2));
     let mut a = Sandbox::new();
     let mut b = Sandbox::new();
     let _wa = start(&mut a, &server, "pg-0", "");
@@ -257,7 +258,14 @@ async fn status_entries_and_pod_labels_follow_state_and_two_instances_keep_both_
             .then_some(())
     })
     .await;
-    let e = entry(&server, "pg-0");
+    // One of them initialised the cluster and leads; the other cloned it and streams.
+    let (primary, replica) = if entry(&server, "pg-0")["role"] == "primary" {
+        ("pg-0", "pg-1")
+    } else {
+        ("pg-1", "pg-0")
+    };
+    assert_eq!(entry(&server, replica)["role"], "replica");
+    let e = entry(&server, primary);
     assert_eq!(e["role"], "primary");
     assert_eq!(e["health"], "ready");
     assert_eq!(e["address"], "127.0.0.1");
@@ -265,31 +273,32 @@ async fn status_entries_and_pod_labels_follow_state_and_two_instances_keep_both_
     assert!(e["currentLsn"].as_str().unwrap().contains('/'));
     assert_eq!(e["pgwardenVersion"], env!("CARGO_PKG_VERSION"));
     assert!(e["lastReportTime"].as_str().unwrap().ends_with('Z'));
-    for p in ["pg-0", "pg-1"] {
+    for (p, role) in [(primary, "primary"), (replica, "replica")] {
         let labels = eventually("the Pod labels", LONG, async || {
             let labels = server.get("v1", "pods", NS, p)?["metadata"]["labels"].clone();
-            (labels["pgwarden.dev/role"] == "primary").then_some(labels)
+            (labels["pgwarden.dev/role"] == role).then_some(labels)
         })
         .await;
         assert_eq!(labels["pgwarden.dev/cluster"], CLUSTER, "{labels}");
         assert_eq!(labels["app"], "pg", "existing labels kept");
     }
-    // Two pods while the spec says one: without leader election both would be primaries, so
-    // a spec asking for more than one instance is refused and no Pod stays routable as
-    // primary (this version has no high availability yet).
-    set_spec(&server, |s| s["instances"] = json!(2));
+    // A spec the API server let through but pgwarden refuses is reported; the running roles
+    // and their labels stay (a typo must not take the Services' endpoints away).
+    set_spec(&server, |s| s["instances"] = json!(17));
     for p in ["pg-0", "pg-1"] {
-        eventually("role label withdrawn", LONG, async || {
-            let labels = server.get("v1", "pods", NS, p)?["metadata"]["labels"].clone();
-            (labels["pgwarden.dev/role"] == "unknown").then_some(())
+        let c = eventually("SpecValid false", LONG, async || {
+            let c = condition(&server, p, "SpecValid");
+            (c["status"] == "False").then_some(c)
         })
         .await;
-        let c = condition(&server, p, "SpecValid");
         assert!(
-            c["message"].as_str().unwrap().contains("high availability"),
+            c["message"].as_str().unwrap().contains("spec.instances"),
             "{c}"
         );
     }
+    let labels = server.get("v1", "pods", NS, primary).unwrap()["metadata"]["labels"].clone();
+    assert_eq!(labels["pgwarden.dev/role"], "primary", "{labels}");
+    set_spec(&server, |s| s["instances"] = json!(2));
     // pg-1's Postgres dies: its entry follows, pg-0's stays; never is either entry lost.
     kill(Pid::from_raw(b.postmaster_pid().unwrap()), Signal::SIGKILL).unwrap();
     let mut saw_restarting = false;

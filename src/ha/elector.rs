@@ -16,7 +16,7 @@ use k8s_openapi::api::coordination::v1::Lease as K8sLease;
 use kube::api::{DynamicObject, Patch, PatchParams};
 use kube::runtime::watcher;
 use kube::Api;
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use super::decide::{self, Action, Local, Observed, Peer, Sync, Timings};
@@ -177,7 +177,7 @@ impl Elector {
         }
         let status = self.status.borrow().clone();
         let obs = self.observation.borrow().clone();
-        let fenced = fenced(&cluster.data, &self.me);
+        let fenced = fenced(cluster.metadata.annotations.as_ref(), &self.me);
         let members = peers::members(&cluster.data, &self.me);
         let docs = peers::fetch(&self.http, &members, PEER_TIMEOUT).await;
         let mut list: Vec<Peer> = docs
@@ -319,6 +319,10 @@ impl Elector {
             memory.retry_at = Some(Instant::now() + tick.observed.timings.retry);
         }
         match action {
+            // Fenced before Postgres ever ran here: say so (health `fenced`).
+            Action::Wait(_) if tick.observed.fenced && !self.status.borrow().fenced => {
+                self.postmaster.halt(StopMode::Fast, true).await;
+            }
             Action::Wait(_) | Action::RestartLocally => {}
             Action::Renew => self.lead(tick, memory).await,
             Action::Fence(reason) => {
@@ -467,7 +471,7 @@ impl Elector {
         if let Err(e) = replica::sync_slots(&self.pg, &standbys).await {
             tracing::warn!(error = %e, "cannot maintain the replication slots");
         }
-        if let Some(target) = switchover_request(&tick.cluster.data) {
+        if let Some(target) = switchover_request(tick.cluster.metadata.annotations.as_ref()) {
             self.switchover(&target, tick, memory, false).await;
         }
     }
@@ -954,13 +958,8 @@ fn timings(spec: &PostgresClusterSpec) -> Timings {
 
 /// Whether `me` is listed in the fencing annotation (a JSON list of names, `*` for all). An
 /// unreadable annotation fences nobody and is logged.
-pub fn fenced(cluster: &Value, me: &str) -> bool {
-    let Some(raw) = cluster
-        .get("metadata")
-        .and_then(|m| m.get("annotations"))
-        .and_then(|a| a.get(FENCED_ANNOTATION))
-        .and_then(Value::as_str)
-    else {
+pub fn fenced(annotations: Option<&Annotations>, me: &str) -> bool {
+    let Some(raw) = annotations.and_then(|a| a.get(FENCED_ANNOTATION)) else {
         return false;
     };
     match serde_json::from_str::<Vec<String>>(raw) {
@@ -972,14 +971,13 @@ pub fn fenced(cluster: &Value, me: &str) -> bool {
     }
 }
 
-fn switchover_request(cluster: &Value) -> Option<String> {
-    cluster
-        .get("metadata")?
-        .get("annotations")?
-        .get(SWITCHOVER_ANNOTATION)?
-        .as_str()
-        .map(str::to_string)
+type Annotations = std::collections::BTreeMap<String, String>;
+
+fn switchover_request(annotations: Option<&Annotations>) -> Option<String> {
+    annotations?
+        .get(SWITCHOVER_ANNOTATION)
         .filter(|s| !s.is_empty())
+        .cloned()
 }
 
 fn describe(action: &Action) -> String {
@@ -1031,16 +1029,15 @@ mod tests {
 
     #[test]
     fn fencing_annotation() {
-        let with = |v: &str| json!({"metadata": {"annotations": {FENCED_ANNOTATION: v}}});
-        assert!(fenced(&with(r#"["pg-1"]"#), "pg-1"));
-        assert!(!fenced(&with(r#"["pg-1"]"#), "pg-2"));
-        assert!(fenced(&with(r#"["*"]"#), "pg-2"));
-        assert!(!fenced(&with("pg-1"), "pg-1"), "not JSON: ignored");
-        assert!(!fenced(&json!({}), "pg-1"));
+        let with = |k: &str, v: &str| Annotations::from([(k.to_string(), v.to_string())]);
+        let fence = |v: &str| with(FENCED_ANNOTATION, v);
+        assert!(fenced(Some(&fence(r#"["pg-1"]"#)), "pg-1"));
+        assert!(!fenced(Some(&fence(r#"["pg-1"]"#)), "pg-2"));
+        assert!(fenced(Some(&fence(r#"["*"]"#)), "pg-2"));
+        assert!(!fenced(Some(&fence("pg-1")), "pg-1"), "not JSON: ignored");
+        assert!(!fenced(None, "pg-1"));
         assert_eq!(
-            switchover_request(
-                &json!({"metadata": {"annotations": {SWITCHOVER_ANNOTATION: "pg-2"}}})
-            ),
+            switchover_request(Some(&with(SWITCHOVER_ANNOTATION, "pg-2"))),
             Some("pg-2".into())
         );
     }

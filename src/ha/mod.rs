@@ -9,6 +9,7 @@ pub mod lease;
 pub mod peers;
 pub mod quorum;
 pub mod replica;
+pub mod switchover;
 
 use serde::Serialize;
 
@@ -34,6 +35,42 @@ pub struct HaStatus {
     /// Primary: fewer synchronous standbys than asked for, and commits no longer wait for
     /// them (`spec.synchronous.allowDegraded`).
     pub degraded: bool,
+}
+
+/// The roles `pgwarden_ha_role` reports (one sample each, 1 for the current one).
+const ROLES: [&str; 5] = ["primary", "replica", "fenced", "stopped", "unknown"];
+
+/// HA metrics, from the elector's last view.
+pub fn samples(ha: &HaStatus, me: &str) -> Vec<crate::metrics::families::Sample> {
+    use crate::metrics::families::Sample;
+    let flag = |b: bool| f64::from(u8::from(b));
+    let mut out: Vec<Sample> = ROLES
+        .iter()
+        .map(|role| {
+            Sample::gauge(
+                "pgwarden_ha_role",
+                "The instance's HA role (1 for the current one)",
+                flag(ha.role == *role),
+            )
+            .label("role", *role)
+        })
+        .collect();
+    out.push(Sample::gauge(
+        "pgwarden_ha_leader",
+        "1 when this instance holds the leader Lease",
+        flag(ha.leader.as_deref() == Some(me)),
+    ));
+    out.push(Sample::gauge(
+        "pgwarden_ha_fenced",
+        "1 when this instance is fenced (its Postgres held stopped)",
+        flag(ha.fenced || ha.role == "fenced"),
+    ));
+    out.push(Sample::gauge(
+        "pgwarden_ha_synchronous_degraded",
+        "1 when the primary has fewer synchronous standbys than asked for and commits no longer wait for them",
+        flag(ha.degraded),
+    ));
+    out
 }
 
 /// Inputs of the elector.

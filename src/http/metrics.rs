@@ -29,6 +29,9 @@ pub async fn handler(State(state): State<AppState>) -> impl IntoResponse {
     if let Some(w) = shared.wal.get() {
         samples.extend(w.state.borrow().samples());
     }
+    if let Some(ha) = shared.kubernetes.get().and_then(|k| k.ha.borrow().clone()) {
+        samples.extend(crate::ha::samples(&ha, &shared.instance));
+    }
     (
         [(
             header::CONTENT_TYPE,

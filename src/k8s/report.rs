@@ -130,14 +130,15 @@ impl Reporter {
             last_report_time: String::new(),
             conditions: self.shared.conditions(),
         };
-        // Services route by this label: only a role confirmed under a valid spec gets one;
-        // anything else is `unknown`, which no Service selects.
         let spec_valid = self
             .shared
             .conditions()
             .iter()
             .any(|c| c.type_ == "SpecValid" && c.status == "True");
-        let role_label = match (role, spec_valid) {
+        // Services route by this label. Under HA the elector's role decides (a primary that
+        // lost its Lease is no primary, whatever the spec); without it only a role confirmed
+        // under a valid spec gets one.
+        let role_label = match (role, spec_valid || ha.is_some()) {
             ("primary", true) => "primary",
             ("replica", true) => "replica",
             ("fenced", _) => "fenced",
