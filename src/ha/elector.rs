@@ -540,15 +540,9 @@ impl Elector {
             tracing::debug!(%primary, "the primary's address is not known yet");
             return;
         };
-        let Some(password) = self.shared.replication_password.borrow().clone() else {
-            tracing::info!("waiting for the replication password (spec.secrets.replication)");
+        let Some(upstream) = self.upstream(&address) else {
             return;
         };
-        if let Err(e) = replica::write_passfile(&self.pg.run_dir, &password) {
-            tracing::error!(error = %e, "cannot write the replication passfile");
-            return;
-        }
-        let upstream = replica::upstream(&address, &self.me, &self.pg.run_dir);
         match tick.observed.local {
             Local::Replica | Local::Crashed { .. } => {
                 if memory.following.as_deref() != Some(primary) {
@@ -584,6 +578,20 @@ impl Elector {
                 }
             }
         }
+    }
+
+    /// The standby settings to stream from `address`, with the passfile they authenticate
+    /// with written; `None` until the replication password is known.
+    fn upstream(&self, address: &Address) -> Option<Upstream> {
+        let Some(password) = self.shared.replication_password.borrow().clone() else {
+            tracing::info!("waiting for the replication password (spec.secrets.replication)");
+            return None;
+        };
+        if let Err(e) = replica::write_passfile(&self.pg.run_dir, &password) {
+            tracing::error!(error = %e, "cannot write the replication passfile");
+            return None;
+        }
+        Some(replica::upstream(address, &self.me, &self.pg.run_dir))
     }
 
     /// Brings a former primary's data onto `primary`'s timeline; false when it could not
@@ -852,10 +860,13 @@ impl Elector {
             Err(e) => return Err(format!("cannot pass the Lease: {e}")),
         }
         tracing::info!(%target, "switchover: Lease passed");
+        memory.applied = Sync::Off;
+        memory.published = None;
         if !stopping {
-            let upstream = replica::upstream(&address, &self.me, &self.pg.run_dir);
-            if self.start_standby(Some(upstream), memory).await {
-                memory.following = Some(target.to_string());
+            if let Some(upstream) = self.upstream(&address) {
+                if self.start_standby(Some(upstream), memory).await {
+                    memory.following = Some(target.to_string());
+                }
             }
         }
         Ok(())
