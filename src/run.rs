@@ -132,6 +132,14 @@ pub async fn run(opts: Options) -> anyhow::Result<i32> {
         None
     };
     let mut pg_settings = pg.clone();
+    // A standby's data directory stays one: the first rendering of the files must not drop
+    // its standby.signal before the elector has said where to stream from.
+    if pg.data_dir.join("standby.signal").exists() {
+        pg_settings.replication.standby = Some(crate::postgres::conf::Upstream {
+            conninfo: String::new(),
+            slot: None,
+        });
+    }
     pg_settings.archive = wal
         .as_ref()
         .and_then(|w| w.settings())

@@ -302,18 +302,29 @@ fn candidacy(o: &Observed) -> Result<(), String> {
             })
         }
         Sync::Off => {
+            let newest = eligible
+                .iter()
+                .filter_map(|p| p.lsn)
+                .max()
+                .ok_or("no eligible standby")?;
+            // Too far behind in replay to promote (losing or delaying too much): out of
+            // the running, so that a qualified standby does not wait on it.
+            let within = |p: &Peer| {
+                o.max_lag_bytes.is_none_or(|max| {
+                    newest.bytes_after(p.replayed.or(p.lsn).unwrap_or(Lsn(0))) <= max
+                })
+            };
+            if let Some(max) = o.max_lag_bytes.filter(|_| !within(me)) {
+                let lag = newest.bytes_after(my_replayed);
+                return Err(format!(
+                    "{lag} bytes behind the most advanced standby (max {max})"
+                ));
+            }
             let best = eligible
                 .iter()
+                .filter(|p| within(p))
                 .max_by(|a, b| a.lsn.cmp(&b.lsn).then_with(|| b.name.cmp(&a.name)))
                 .ok_or("no eligible standby")?;
-            if let (Some(max), Some(best_lsn)) = (o.max_lag_bytes, best.lsn) {
-                let lag = best_lsn.bytes_after(my_replayed);
-                if lag > max {
-                    return Err(format!(
-                        "{lag} bytes behind the most advanced standby (max {max})"
-                    ));
-                }
-            }
             if best.name != o.me {
                 return Err(format!("{} is further ahead", best.name));
             }
@@ -436,6 +447,9 @@ mod tests {
             ("expired: lagging behind a reachable better peer",
                 Observed { lease: expired(), max_lag_bytes: Some(5), ..base("c") },
                 Action::Wait("10 bytes behind the most advanced standby (max 5)".into())),
+            ("expired: the most advanced is lagging in replay: the next one takes it",
+                Observed { lease: expired(), peers: vec![Peer { replayed: Some(Lsn(20)), ..peer("b", 100) }, peer("c", 90)], max_lag_bytes: Some(50), ..base("c") },
+                Action::Acquire),
             ("expired: most advanced received, but replay far behind",
                 Observed { lease: expired(), peers: vec![Peer { replayed: Some(Lsn(20)), ..peer("b", 100) }, peer("c", 90)], max_lag_bytes: Some(50), ..base("b") },
                 Action::Wait("80 bytes behind the most advanced standby (max 50)".into())),

@@ -129,7 +129,10 @@ impl Elector {
                 tick.observed.following = memory.following.clone();
                 let action = decide::decide(&tick.observed);
                 self.report(&tick, &action, &mut memory);
-                self.act(action, &tick, &mut memory).await;
+                self.act(action.clone(), &tick, &mut memory).await;
+                // Again with Postgres's state after the action (a fenced primary must stop
+                // saying "primary" at once, not a tick later).
+                self.report(&tick, &action, &mut memory);
             }
             // The primary must notice its renew deadline even if nothing else happens.
             let deadline = self
@@ -273,7 +276,8 @@ impl Elector {
             decide::Lease::Held { holder, .. } if !holder.is_empty() => Some(holder.clone()),
             _ => None,
         };
-        let role = match (tick.observed.fenced, tick.observed.local) {
+        let local = self.local(&self.status.borrow(), &self.observation.borrow());
+        let role = match (tick.observed.fenced, local) {
             (true, _) => "fenced",
             (_, Local::Primary) if leader.as_deref() == Some(self.me.as_str()) => "primary",
             (_, Local::Primary) => "unknown",
