@@ -78,6 +78,8 @@ pub struct Elector {
 struct Memory {
     /// Postgres was last started (or reconfigured) as a standby of this instance.
     following: Option<String>,
+    /// ... at this address (a primary rescheduled to a new address must be followed there).
+    following_address: Option<Address>,
     /// Postgres runs with a standby configuration (even without an upstream).
     standby: bool,
     /// What the Lease says of the synchronous set (as this leader wrote it).
@@ -126,7 +128,12 @@ impl Elector {
         loop {
             let timings = self.timings();
             if let Some(mut tick) = self.observe().await {
-                tick.observed.following = memory.following.clone();
+                let moved = tick.members.iter().any(|m| {
+                    Some(&m.name) == memory.following.as_ref()
+                        && m.postgres.is_some()
+                        && m.postgres != memory.following_address
+                });
+                tick.observed.following = memory.following.clone().filter(|_| !moved);
                 let action = decide::decide(&tick.observed);
                 self.report(&tick, &action, &mut memory);
                 self.act(action.clone(), &tick, &mut memory).await;
@@ -549,11 +556,14 @@ impl Elector {
         };
         match tick.observed.local {
             Local::Replica | Local::Crashed { .. } => {
-                if memory.following.as_deref() != Some(primary) {
+                if memory.following.as_deref() != Some(primary)
+                    || memory.following_address.as_ref() != Some(&address)
+                {
                     match self.postmaster.set_replication(standby(upstream)).await {
                         Ok(()) => {
                             tracing::info!(%primary, "now following");
                             memory.following = Some(primary.to_string());
+                            memory.following_address = Some(address);
                         }
                         Err(e) => tracing::error!(error = %e, "cannot repoint the standby"),
                     }
@@ -579,6 +589,7 @@ impl Elector {
                 }
                 if self.start_standby(Some(upstream), memory).await {
                     memory.following = Some(primary.to_string());
+                    memory.following_address = Some(address);
                 }
             }
         }
@@ -870,6 +881,7 @@ impl Elector {
             if let Some(upstream) = self.upstream(&address) {
                 if self.start_standby(Some(upstream), memory).await {
                     memory.following = Some(target.to_string());
+                    memory.following_address = Some(address);
                 }
             }
         }
