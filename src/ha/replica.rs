@@ -202,10 +202,7 @@ pub fn move_aside(data: &Path) -> Result<PathBuf, String> {
 }
 
 fn sibling(data: &Path, suffix: &str) -> PathBuf {
-    let name = data
-        .file_name()
-        .map_or_else(|| "pgdata".into(), |n| n.to_string_lossy().into_owned());
-    data.with_file_name(format!("{name}.pgwarden-{suffix}"))
+    crate::postgres::datadir::staging_dir(data, suffix)
 }
 
 async fn bounded<T>(

@@ -143,6 +143,8 @@ pub fn ensure_mode(path: &Path) -> Result<(), DataDirError> {
 
 /// Runs initdb on a missing or empty directory: checksums on, scram-sha-256, the configured
 /// locale. Checks emptiness again right before, so nothing is ever initialised over data.
+/// initdb writes into a sibling directory that is renamed into place once complete, so a pod
+/// killed during initdb leaves no half-made cluster where the data directory is.
 pub async fn initdb(
     reaper: &Reaper,
     bins: &Binaries,
@@ -155,12 +157,18 @@ pub async fn initdb(
             stderr: format!("{} is not empty", path.display()),
         });
     }
-    std::fs::create_dir_all(path).map_err(io(path))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(io(path))?;
+    let staging = staging_dir(path, "initdb");
+    if staging.exists() {
+        // Our own unfinished initdb from an earlier attempt: never a usable cluster.
+        std::fs::remove_dir_all(&staging).map_err(io(&staging))?;
+    }
+    std::fs::create_dir_all(&staging).map_err(io(&staging))?;
+    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o700))
+        .map_err(io(&staging))?;
 
     let mut cmd = Command::new(bins.tool("initdb"));
     cmd.arg("--pgdata")
-        .arg(path)
+        .arg(&staging)
         .arg("--username")
         .arg(&pg.superuser)
         .arg("--data-checksums")
@@ -189,7 +197,21 @@ pub async fn initdb(
     for line in out.stdout.lines().filter(|l| !l.trim().is_empty()) {
         tracing::debug!(target: "pgwarden::initdb", "{line}");
     }
+    // An empty directory may be there (a volume's mount point subdirectory): rmdir only
+    // removes it while it is still empty.
+    if path.exists() {
+        std::fs::remove_dir(path).map_err(io(path))?;
+    }
+    std::fs::rename(&staging, path).map_err(io(path))?;
     Ok(())
+}
+
+/// A sibling of the data directory for work that is renamed into place when complete.
+pub fn staging_dir(data: &Path, purpose: &str) -> PathBuf {
+    let name = data
+        .file_name()
+        .map_or_else(|| "pgdata".into(), |n| n.to_string_lossy().into_owned());
+    data.with_file_name(format!("{name}.pgwarden-{purpose}"))
 }
 
 #[cfg(test)]

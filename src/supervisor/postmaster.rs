@@ -453,6 +453,12 @@ impl Actor {
             let mut settings = settings;
             // The HA elector owns replication; a reload of the user's settings keeps it.
             settings.replication = self.spec.settings.replication.clone();
+            if !self.spec.settings.data_dir.join("PG_VERSION").exists() {
+                // No cluster yet (initdb or a clone comes first): Postgres cannot check the
+                // files without one; they are rendered, and checked by the start.
+                self.spec.settings = *settings;
+                return Ok(());
+            }
             if *settings != self.spec.settings {
                 let candidate = conf::render(&settings, &self.spec.os_user);
                 conf::check(
@@ -533,6 +539,11 @@ impl Actor {
 
     fn render(&self) -> Result<(), String> {
         let s = &self.spec.settings;
+        // Not a cluster yet (the elector is about to initdb or clone into it): nothing to
+        // render into; every start renders first anyway.
+        if !s.data_dir.join("PG_VERSION").exists() {
+            return Ok(());
+        }
         conf::render(s, &self.spec.os_user)
             .write(&s.data_dir)
             .map_err(|e| {
