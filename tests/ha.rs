@@ -274,6 +274,36 @@ async fn partitioned_primary_fences_itself_and_rejoins() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn full_api_outage_keeps_the_primary_writing_when_every_member_confirms() {
+    let c = Cluster::start_ready(3, quorum).await;
+    let writer = c.writer().await;
+    let checker = c.checker();
+    writer.wait_progress(50, LONG).await;
+    let p = c.wait_primary(LONG).await;
+
+    // Nobody reaches the API server, so nobody can take the Lease: every standby says so to
+    // the primary, which keeps taking writes well past the lease duration (failsafe).
+    c.server.outage(true);
+    sleep(Duration::from_secs(12)).await;
+    let before = writer.acked_count();
+    writer.wait_progress(50, LONG).await;
+    assert!(writer.acked_count() > before);
+    assert_eq!(c.writable(p).await, Some(true), "{}", c.describe().await);
+    let s = c.status(p).await;
+    assert_eq!(s["ha"]["role"], "primary", "{s}");
+    assert_eq!(s["kubernetes"]["api"]["reachable"], false, "{s}");
+
+    // The API server is back: the same primary renews; nobody failed over.
+    c.server.outage(false);
+    writer.wait_progress(50, LONG).await;
+    assert_eq!(c.wait_all_streaming(LONG).await, p);
+    assert_eq!(c.lease_holder().as_deref(), Some(c.name(p)));
+    let acked = writer.stop().await;
+    c.assert_no_loss(&acked, p).await;
+    checker.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn switchover_by_annotation_and_by_cli() {
     let c = Cluster::start_ready(3, quorum).await;
     let writer = c.writer().await;

@@ -344,8 +344,12 @@ fn the_example_postgres_cluster_matches_the_generated_crd() {
     let f = &cluster.value["spec"]["failover"];
     let n = |k: &str| f[k].as_u64().unwrap();
     assert!(n("renewDeadlineSeconds") + n("retryPeriodSeconds") < n("leaseDurationSeconds"));
-    // A quoted "off": YAML 1.1 (kubectl) would read a bare off as false.
-    assert_eq!(cluster.value["spec"]["synchronous"]["mode"], "off");
+    // Zero data loss in the example: quorum commit over the standbys (instances - 1 of them).
+    let sync = &cluster.value["spec"]["synchronous"];
+    assert_eq!(sync["mode"], "quorum");
+    let number = sync["number"].as_u64().unwrap();
+    let instances = cluster.value["spec"]["instances"].as_u64().unwrap();
+    assert!((1..instances).contains(&number), "{sync}");
 }
 
 /// What `pgwarden check-config` prints for the given environment: the configuration as

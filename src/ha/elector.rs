@@ -71,6 +71,8 @@ pub struct Elector {
     pub http: reqwest::Client,
     pub max_crashes: u32,
     pub api_timeout: Duration,
+    /// When the last failsafe round that confirmed this primary was sent.
+    pub failsafe_at: Option<Instant>,
 }
 
 /// What the elector remembers between ticks.
@@ -189,7 +191,36 @@ impl Elector {
         let obs = self.observation.borrow().clone();
         let fenced = fenced(cluster.metadata.annotations.as_ref(), &self.me);
         let members = peers::members(&cluster.data, &self.me);
-        let docs = peers::fetch(&self.http, &members, PEER_TIMEOUT).await;
+        // A primary asks its peers for the failsafe promise along with their status.
+        let leading = self.lease.held_by_me();
+        let sent = Instant::now();
+        let docs = peers::fetch(
+            &self.http,
+            &members,
+            PEER_TIMEOUT,
+            leading.then_some(self.me.as_str()),
+        )
+        .await;
+        // Failsafe: cut off from the API server, a primary keeps its writes while every
+        // member answers that it is cut off too (so none can take the Lease) and has promised
+        // not to compete for a lease duration. It counts as a renewal sent at `sent`.
+        if leading
+            && result.as_ref().is_err_and(unanswered)
+            && docs.len() == members.len()
+            && docs.values().all(peers::api_unreachable)
+        {
+            // Once per episode (rounds come every retry period while it lasts).
+            if self
+                .failsafe_at
+                .is_none_or(|t| t.elapsed() > timings(&spec).lease_duration)
+            {
+                tracing::warn!(members = members.len(), "API server unreachable; every member confirms it cannot reach it either: keeping writes (failsafe)");
+            }
+            // It ages out by itself: when the API server is back, the first renewal must not
+            // find the last one too old.
+            self.failsafe_at = Some(sent);
+        }
+        let lease = self.promised(lease);
         let mut list: Vec<Peer> = docs
             .iter()
             .map(|(name, doc)| peers::from_status(name, doc))
@@ -211,7 +242,7 @@ impl Elector {
             fenced,
             lease,
             api_reachable: result.is_ok(),
-            since_renew: self.lease.since_renew(),
+            since_renew: self.since_confirmed(),
             timings: timings(&spec),
             following: None,
             peers: list.clone(),
@@ -253,6 +284,39 @@ impl Elector {
                     Local::Replica
                 }
             }
+        }
+    }
+
+    /// Time since leadership was last confirmed: a Lease renewal, or a failsafe round.
+    fn since_confirmed(&self) -> Option<std::time::Duration> {
+        let failsafe = self.failsafe_at.map(|t| t.elapsed());
+        match (self.lease.since_renew(), failsafe) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The Lease as this instance must treat it: a failsafe promise given to its holder
+    /// counts as a change seen at that moment (no competing for a lease duration after it).
+    fn promised(&self, lease: decide::Lease) -> decide::Lease {
+        let ack = self
+            .shared
+            .failsafe_ack
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match (lease, ack) {
+            (
+                decide::Lease::Held {
+                    holder,
+                    unchanged_for,
+                },
+                Some((promised, at)),
+            ) if holder == promised => decide::Lease::Held {
+                unchanged_for: unchanged_for.min(at.elapsed()),
+                holder,
+            },
+            (lease, _) => lease,
         }
     }
 
@@ -854,7 +918,7 @@ impl Elector {
             .collect();
         let deadline = Instant::now() + SWITCHOVER_CATCH_UP;
         loop {
-            let docs = peers::fetch(&self.http, &member, PEER_TIMEOUT).await;
+            let docs = peers::fetch(&self.http, &member, PEER_TIMEOUT, None).await;
             let received = docs.get(target).and_then(|d| {
                 let p = peers::from_status(target, d);
                 p.lsn
@@ -964,6 +1028,15 @@ impl Elector {
                 _ => tracing::warn!("cannot release the Lease; it expires on its own"),
             }
         }
+    }
+}
+
+/// A Lease call that got no answer (as opposed to an answer such as a conflict).
+fn unanswered(e: &super::lease::LeaseError) -> bool {
+    use crate::k8s::Reachability;
+    match e {
+        super::lease::LeaseError::Timeout => true,
+        super::lease::LeaseError::Api(e) => !e.answered(),
     }
 }
 

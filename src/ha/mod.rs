@@ -122,6 +122,7 @@ pub fn start(s: Start<'_>) -> tokio::sync::mpsc::Sender<elector::Command> {
         http,
         max_crashes: s.config.supervision.max_crashes,
         api_timeout: k.api_timeout,
+        failsafe_at: None,
     }
     .spawn()
 }

@@ -45,6 +45,11 @@ pub fn members(cluster: &Value, me: &str) -> Vec<Member> {
         .collect()
 }
 
+/// Whether a peer says it cannot reach the API server either.
+pub fn api_unreachable(doc: &Value) -> bool {
+    doc.pointer("/kubernetes/api/reachable") == Some(&Value::Bool(false))
+}
+
 /// A peer's live state, as far as the decision needs it.
 pub fn from_status(name: &str, doc: &Value) -> Peer {
     let pg = doc.get("postgres").filter(|p| !p.is_null());
@@ -73,14 +78,17 @@ pub fn from_status(name: &str, doc: &Value) -> Peer {
 }
 
 /// Fetches every member's `/pg/status` at once; members that do not answer in `timeout` are
-/// left out (a candidate decides from those it heard).
+/// left out (a candidate decides from those it heard). `failsafe` names the primary asking
+/// for the failsafe promise (see `elector`).
 pub async fn fetch(
     http: &reqwest::Client,
     members: &[Member],
     timeout: Duration,
+    failsafe: Option<&str>,
 ) -> BTreeMap<String, Value> {
+    let query = failsafe.map_or_else(String::new, |p| format!("?failsafe={p}"));
     let calls = members.iter().filter_map(|m| {
-        let url = format!("http://{}/pg/status", m.status.as_ref()?);
+        let url = format!("http://{}/pg/status{query}", m.status.as_ref()?);
         let name = m.name.clone();
         Some(async move {
             let doc = async {

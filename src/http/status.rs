@@ -62,8 +62,26 @@ pub struct MonitorDoc {
     pub error: Option<String>,
 }
 
-pub async fn handler(State(state): State<AppState>) -> Json<StatusDoc> {
+/// `?failsafe=<primary>`: a primary that cannot reach the API server asks whether its peers
+/// cannot either (see `ha::elector`).
+#[derive(Debug, serde::Deserialize)]
+pub struct Query {
+    failsafe: Option<String>,
+}
+
+pub async fn handler(
+    State(state): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<Query>,
+) -> Json<StatusDoc> {
     let shared = &state.inner;
+    if let (Some(primary), Some(k)) = (q.failsafe, shared.kubernetes.get()) {
+        // Only an instance that cannot reach the API server itself gives the promise: one that
+        // can would see the Lease expire and is free to take it.
+        if !k.api_health().reachable {
+            *k.failsafe_ack.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((primary, Instant::now()));
+        }
+    }
     let view = shared.view();
     let (name, pid) = match &view.status.state {
         Postmaster::Initializing => ("initializing", None),

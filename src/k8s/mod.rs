@@ -64,6 +64,10 @@ pub struct Shared {
     pub replication_password: watch::Sender<Option<String>>,
     /// The HA elector's view, when HA runs.
     pub ha: watch::Sender<Option<crate::ha::HaStatus>>,
+    /// Failsafe: the last time this instance, cut off from the API server itself, confirmed
+    /// to a primary (by its `/pg/status?failsafe=<primary>` request) that it still follows it.
+    /// It then does not compete for the Lease for a lease duration from that moment.
+    pub failsafe_ack: Mutex<Option<(String, Instant)>>,
     pub client: Client,
 }
 
@@ -210,6 +214,7 @@ pub async fn start(s: Start) -> anyhow::Result<Option<Arc<Shared>>> {
         cluster: cluster_tx,
         replication_password: watch::channel(None).0,
         ha: watch::channel(None).0,
+        failsafe_ack: Mutex::default(),
         client: client.clone(),
     });
     let events = events::Events::new(client.clone(), &shared.identity, k.api_timeout);
