@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::cluster::{
-    connect_within, eventually, quorum, slot_name, Cluster, Rng, FENCED_INSTANCES, SWITCHOVER_TO,
+    connect_within, eventually, quorum, slot_name, Cluster, Rng, FENCED_INSTANCES, NS,
+    SWITCHOVER_TO,
 };
 use tokio::time::{sleep, timeout};
 
@@ -301,6 +302,40 @@ async fn full_api_outage_keeps_the_primary_writing_when_every_member_confirms() 
     let acked = writer.stop().await;
     c.assert_no_loss(&acked, p).await;
     checker.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_departed_instance_loses_its_entry_and_its_slot() {
+    let mut c = Cluster::start_ready(3, no_change).await;
+    let p = c.wait_primary(LONG).await;
+    // A scale-down: the last standby's pgwarden and Postgres go, and so does its Pod.
+    let gone = c.others(p)[1];
+    let name = c.name(gone).to_string();
+    c.kill9(gone);
+    c.server
+        .delete("v1", "pods", NS, &name)
+        .expect("the Pod existed");
+    let slot = slot_name(&name);
+    eventually(
+        "the departed instance's entry and slot removed",
+        LONG,
+        async || {
+            let entry = c.cluster()["status"]["instances"][name.as_str()].clone();
+            let slots: i64 = c
+                .query_value(
+                    p,
+                    &format!(
+                        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}'"
+                    ),
+                )
+                .await?;
+            (entry.is_null() && slots == 0).then_some(())
+        },
+    )
+    .await;
+    // The remaining standby keeps its slot and streams.
+    let other = c.others(p).into_iter().find(|&i| i != gone).unwrap();
+    assert!(c.streams_from(other, p).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

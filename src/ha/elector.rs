@@ -51,6 +51,10 @@ const PEER_TIMEOUT: Duration = Duration::from_millis(800);
 const SWITCHOVER_MAX_LAG: u64 = 16 << 20;
 /// How long a switchover waits for the target to receive the old primary's last WAL.
 const SWITCHOVER_CATCH_UP: Duration = Duration::from_secs(10);
+/// A standby not streaming from a healthy primary for this long has diverged from it.
+const STUCK_AFTER: Duration = Duration::from_secs(30);
+/// How often the primary looks for instances whose Pod is gone.
+const PRUNE_EVERY: Duration = Duration::from_secs(30);
 /// pg_rewind attempts against a healthy primary before the directory is moved aside.
 const REWIND_ATTEMPTS: u32 = 3;
 
@@ -65,6 +69,7 @@ pub struct Elector {
     pub events: Events,
     pub clusters: Api<DynamicObject>,
     pub leases: Api<K8sLease>,
+    pub pods: Api<k8s_openapi::api::core::v1::Pod>,
     pub pg: PostgresConfig,
     pub binaries: Binaries,
     pub reaper: Reaper,
@@ -92,6 +97,12 @@ struct Memory {
     rewind_failures: u32,
     fenced_reported: Option<String>,
     last_action: Option<Action>,
+    /// Since when this standby has neither streamed from the primary it follows nor replayed
+    /// anything, and where its replay stands.
+    not_streaming_since: Option<Instant>,
+    stuck_at: Option<crate::postgres::lsn::Lsn>,
+    /// When departed instances were last looked for.
+    pruned_at: Option<Instant>,
     /// After a failed clone, rewind or start, the next attempt waits until then (wakes from
     /// status changes would otherwise retry in a tight loop).
     retry_at: Option<Instant>,
@@ -139,6 +150,7 @@ impl Elector {
                 let action = decide::decide(&tick.observed);
                 self.report(&tick, &action, &mut memory);
                 self.act(action.clone(), &tick, &mut memory).await;
+                self.watch_stream(&tick, &mut memory).await;
                 // Again with Postgres's state after the action (a fenced primary must stop
                 // saying "primary" at once, not a tick later).
                 self.report(&tick, &action, &mut memory);
@@ -546,8 +558,115 @@ impl Elector {
         if let Err(e) = replica::sync_slots(&self.pg, &standbys).await {
             tracing::warn!(error = %e, "cannot maintain the replication slots");
         }
+        if memory.pruned_at.is_none_or(|t| t.elapsed() > PRUNE_EVERY) {
+            memory.pruned_at = Some(Instant::now());
+            self.prune(tick).await;
+        }
         if let Some(target) = switchover_request(tick.cluster.metadata.annotations.as_ref()) {
             self.switchover(&target, tick, memory, false).await;
+        }
+    }
+
+    /// Removes the status entries of instances whose Pod is gone (a scale-down): their slots
+    /// would otherwise keep WAL forever. Only members that did not answer are looked at, and
+    /// only a 404 for their Pod counts.
+    async fn prune(&self, tick: &Tick) {
+        for m in &tick.members {
+            if tick.peers.iter().any(|p| p.name == m.name) {
+                continue;
+            }
+            let gone = matches!(
+                tokio::time::timeout(self.api_timeout, self.pods.get_opt(&m.name)).await,
+                Ok(Ok(None))
+            );
+            if !gone {
+                continue;
+            }
+            let patch = Patch::Merge(json!({"status": {"instances": {m.name.clone(): null}}}));
+            let result = tokio::time::timeout(
+                self.api_timeout,
+                self.clusters.patch_status(
+                    &self.shared.identity.cluster,
+                    &PatchParams::default(),
+                    &patch,
+                ),
+            )
+            .await;
+            if matches!(result, Ok(Ok(_))) {
+                tracing::info!(instance = %m.name, "its Pod is gone: status entry removed, its slot follows");
+                self.events
+                    .normal(
+                        "InstanceRemoved",
+                        format!(
+                            "{}: its Pod is gone; status entry and replication slot removed",
+                            m.name
+                        ),
+                    )
+                    .await;
+            }
+        }
+    }
+
+    /// A standby that cannot stream from a healthy primary for long has diverged from it (for
+    /// example a timeline it cannot follow): it is stopped, its data directory moved aside
+    /// (kept) and the next tick clones afresh, when the spec allows it.
+    async fn watch_stream(&self, tick: &Tick, memory: &mut Memory) {
+        let Some(primary) = memory.following.clone() else {
+            memory.not_streaming_since = None;
+            return;
+        };
+        let (streaming, replayed) = {
+            let obs = self.observation.borrow();
+            let pg = obs.pg.as_deref();
+            (
+                pg.and_then(|p| p.wal_receiver.as_ref())
+                    .is_some_and(|w| w.status == "streaming"),
+                pg.and_then(|p| p.lsn.replayed),
+            )
+        };
+        // Replaying (from the archive, say) is progress, not divergence.
+        if replayed != memory.stuck_at {
+            memory.stuck_at = replayed;
+            memory.not_streaming_since = None;
+        }
+        let source_ok = tick
+            .peers
+            .iter()
+            .any(|p| p.name == primary && p.healthy && p.primary);
+        if streaming || !source_ok || tick.observed.local != Local::Replica {
+            memory.not_streaming_since = None;
+            return;
+        }
+        let since = *memory.not_streaming_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < STUCK_AFTER {
+            return;
+        }
+        memory.not_streaming_since = None;
+        let what = format!(
+            "{} has not streamed from the healthy primary {primary} for {STUCK_AFTER:?}: diverged",
+            self.me
+        );
+        if !tick.spec.failover.reclone_on_rewind_failure {
+            tracing::error!("{what}; recloneOnRewindFailure is off: leaving it as it is");
+            self.events.warning("Diverged", what).await;
+            return;
+        }
+        tracing::error!("{what}; moving the data directory aside and cloning afresh");
+        self.postmaster.halt(StopMode::Fast, false).await;
+        match replica::move_aside(&self.pg.data_dir) {
+            Ok(to) => {
+                memory.following = None;
+                self.events
+                    .warning(
+                        "Recloning",
+                        format!(
+                            "{what}; data directory kept at {} and cloned afresh",
+                            to.display()
+                        ),
+                    )
+                    .await;
+            }
+            Err(e) => tracing::error!(error = %e, "cannot move the data directory aside"),
         }
     }
 
@@ -898,6 +1017,10 @@ impl Elector {
             .find(|p| p.name == self.me)
             .and_then(|p| p.lsn);
         decide::switchover_check(target, &tick.peers, own, max_lag)?;
+        // It must be streaming from this primary, or it could never receive the last WAL.
+        if !self.streaming().iter().any(|s| s == target) {
+            return Err(format!("{target} is not streaming from the primary"));
+        }
         let address = tick
             .members
             .iter()
@@ -917,7 +1040,13 @@ impl Elector {
             .cloned()
             .collect();
         let deadline = Instant::now() + SWITCHOVER_CATCH_UP;
+        let retry = tick.observed.timings.retry;
         loop {
+            // Still the leader while waiting (Postgres is stopped: renewing is safe), so that
+            // the Lease cannot expire into a failover in the middle of the switchover.
+            if self.lease.since_renew().is_none_or(|s| s >= retry) {
+                let _ = self.lease.renew().await;
+            }
             let docs = peers::fetch(&self.http, &member, PEER_TIMEOUT, None).await;
             let received = docs.get(target).and_then(|d| {
                 let p = peers::from_status(target, d);
