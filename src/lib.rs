@@ -4,6 +4,7 @@
 //! so that integration tests can drive the pure decisions and the API clients directly.
 
 pub mod config;
+pub mod demo;
 pub mod ha;
 pub mod health;
 pub mod http;

@@ -78,6 +78,18 @@ enum Cmd {
         #[arg(long, default_value = "60s", value_parser = humantime_duration)]
         timeout: std::time::Duration,
     },
+    /// A three-instance cluster on this machine, without Kubernetes: real PostgreSQL, an
+    /// embedded API server, failover on demand (type `kill`). Ctrl-C stops it all.
+    Demo {
+        /// Directory for the instances' files (new or empty; kept at the end). Default: a new
+        /// temporary directory, removed at the end.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Instance N's Postgres listens on BASE+N, its status server on BASE+10+N, its
+        /// metrics on BASE+20+N (all on 127.0.0.1); 0 picks any free ports.
+        #[arg(long, default_value_t = 15432)]
+        base_port: u16,
+    },
     /// Restore one WAL file from the archive (Postgres's restore_command).
     WalRestore {
         #[arg(long)]
@@ -91,7 +103,12 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
-    logging::init(cli.log_format, &cli.log_level);
+    // The demo's output is for people: its own log and its instances' logs are human-readable.
+    let log_format = match cli.command {
+        Cmd::Demo { .. } => LogFormat::Human,
+        _ => cli.log_format,
+    };
+    logging::init(log_format, &cli.log_level);
     let code = match cli.command {
         Cmd::Crd => {
             print!("{}", k8s::crd::crd_yaml());
@@ -102,6 +119,11 @@ fn main() {
             0
         }
         Cmd::Run { config } => run_main(config, cli.log_format),
+        Cmd::Demo { dir, base_port } => pgwarden::demo::main(pgwarden::demo::Options {
+            dir,
+            base_port,
+            log_level: cli.log_level.clone(),
+        }),
         Cmd::Switchover {
             to,
             cluster,

@@ -1,4 +1,4 @@
-//! The test API server (tests/support/apiserver.rs) behaves like a real kube-apiserver for the
+//! The embedded API server (src/demo/apiserver.rs, used by the tests and `pgwarden demo`) behaves like a real kube-apiserver for the
 //! real `kube` client, and its faults are observable from the client side.
 
 mod support;
