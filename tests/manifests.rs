@@ -1056,7 +1056,7 @@ fn every_alert_passes_its_promtool_unit_test() {
         "pgwarden_postgres_replay_lag_bytes",
         "pgwarden_postgres_replication_slot_retained_bytes",
         "pgwarden_postgres_role{role=\"primary\"}",
-        "pgwarden_health_state{state=\"stopped\"}",
+        "pgwarden_ha_fenced",
         "pgwarden_postgres_wal_directory_size_bytes",
         "pgwarden_postgres_up",
         "pgwarden_postmaster_crashes_total",
