@@ -999,6 +999,21 @@ impl Elector {
         }
     }
 
+    /// This primary's WAL position, and how far behind it a switchover target may be.
+    fn switchover_bounds(&self, tick: &Tick) -> (Option<crate::postgres::lsn::Lsn>, u64) {
+        let own = tick
+            .peers
+            .iter()
+            .find(|p| p.name == self.me)
+            .and_then(|p| p.lsn);
+        let max_lag = tick
+            .spec
+            .failover
+            .maximum_lag_bytes
+            .unwrap_or(SWITCHOVER_MAX_LAG);
+        (own, max_lag)
+    }
+
     async fn try_switchover(
         &mut self,
         target: &str,
@@ -1006,16 +1021,7 @@ impl Elector {
         memory: &mut Memory,
         stopping: bool,
     ) -> Result<(), String> {
-        let max_lag = tick
-            .spec
-            .failover
-            .maximum_lag_bytes
-            .unwrap_or(SWITCHOVER_MAX_LAG);
-        let own = tick
-            .peers
-            .iter()
-            .find(|p| p.name == self.me)
-            .and_then(|p| p.lsn);
+        let (own, max_lag) = self.switchover_bounds(tick);
         decide::switchover_check(target, &tick.peers, own, max_lag)?;
         // It must be streaming from this primary, or it could never receive the last WAL.
         if !self.streaming().iter().any(|s| s == target) {
@@ -1127,16 +1133,7 @@ impl Elector {
         };
         let leader = self.lease.held_by_me();
         if leader && tick.observed.local == Local::Primary {
-            let max_lag = tick
-                .spec
-                .failover
-                .maximum_lag_bytes
-                .unwrap_or(SWITCHOVER_MAX_LAG);
-            let own = tick
-                .peers
-                .iter()
-                .find(|p| p.name == self.me)
-                .and_then(|p| p.lsn);
+            let (own, max_lag) = self.switchover_bounds(&tick);
             let best = tick
                 .peers
                 .iter()

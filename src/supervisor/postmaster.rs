@@ -369,20 +369,7 @@ impl Actor {
                 if let Phase::Stopping { then_start, .. } = &mut self.phase {
                     *then_start = false;
                 }
-                if self.child.is_none() {
-                    // Nothing runs: cancel any pending restart.
-                    self.phase = Phase::Stopped;
-                    self.publish(State::Stopped);
-                    self.fail_start_waiters("stopped on request");
-                    let _ = reply.send(StopOutcome {
-                        mode: None,
-                        killed: false,
-                        status: None,
-                    });
-                } else {
-                    self.stop_waiters.push(reply);
-                    self.begin_stop(mode, false);
-                }
+                self.stop_now(mode, reply);
             }
             Command::Restart(reply) => {
                 self.start_waiters.push(reply);
@@ -408,18 +395,7 @@ impl Actor {
                 if let Phase::Stopping { then_start, .. } = &mut self.phase {
                     *then_start = false;
                 }
-                if self.child.is_none() {
-                    self.phase = Phase::Stopped;
-                    self.publish(State::Stopped);
-                    let _ = reply.send(StopOutcome {
-                        mode: None,
-                        killed: false,
-                        status: None,
-                    });
-                } else {
-                    self.stop_waiters.push(reply);
-                    self.begin_stop(mode, false);
-                }
+                self.stop_now(mode, reply);
             }
             Command::SetReplication(r, reply) => {
                 self.spec.settings.replication = r;
@@ -427,6 +403,24 @@ impl Actor {
                 let _ = reply.send(result);
             }
             Command::Promote(reply) => self.promote(reply),
+        }
+    }
+
+    /// Stops the postmaster in `mode`, replying once it exited; with nothing running (a
+    /// pending restart included) it replies at once and cancels the restart.
+    fn stop_now(&mut self, mode: StopMode, reply: Reply<StopOutcome>) {
+        if self.child.is_none() {
+            self.phase = Phase::Stopped;
+            self.publish(State::Stopped);
+            self.fail_start_waiters("stopped on request");
+            let _ = reply.send(StopOutcome {
+                mode: None,
+                killed: false,
+                status: None,
+            });
+        } else {
+            self.stop_waiters.push(reply);
+            self.begin_stop(mode, false);
         }
     }
 
