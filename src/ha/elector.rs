@@ -684,23 +684,49 @@ impl Elector {
         names.into_iter().collect()
     }
 
+    /// The synchronous set a new primary starts with, published in the Lease before Postgres
+    /// uses it: in quorum mode commits wait for any N of the other instances from the first
+    /// write on (the usual set changes follow from there). `None` when it cannot be published.
+    async fn first_sync(&mut self, tick: &Tick) -> Option<Sync> {
+        let s = &tick.spec.synchronous;
+        if s.mode != crd::SynchronousMode::Quorum || s.number == 0 {
+            return Some(Sync::Off);
+        }
+        let others: Vec<String> = tick.members.iter().map(|m| m.name.clone()).collect();
+        let (sync, _) = quorum::target(
+            s.number as usize,
+            s.allow_degraded,
+            &[],
+            &Sync::Off,
+            &others,
+        );
+        if sync != Sync::Off && !matches!(self.lease.renew_publishing(&sync).await, Ok(true)) {
+            tracing::warn!("cannot publish the synchronous set before taking writes; retrying");
+            return None;
+        }
+        Some(sync)
+    }
+
     async fn promote(&mut self, tick: &Tick, memory: &mut Memory, why: &str) {
         if tick.observed.local != Local::Replica {
             return; // a stopped or crashed holder is started by the next tick's decision
         }
-        match self.postmaster.promote().await {
+        let Some(sync) = self.first_sync(tick).await else {
+            return;
+        };
+        match self.postmaster.promote(quorum::standby_names(&sync)).await {
             Ok(()) => {
-                if let Err(e) = self
-                    .postmaster
-                    .set_replication(Replication::default())
-                    .await
-                {
+                let primary = Replication {
+                    standby: None,
+                    synchronous_standby_names: quorum::standby_names(&sync),
+                };
+                if let Err(e) = self.postmaster.set_replication(primary).await {
                     tracing::error!(error = %e, "cannot render the primary's settings");
                 }
                 memory.following = None;
                 memory.standby = false;
-                memory.applied = Sync::Off;
-                memory.published = None;
+                memory.applied = sync.clone();
+                memory.published = Some(sync);
                 self.events
                     .normal(
                         "Promoted",
@@ -911,16 +937,19 @@ impl Elector {
             }
             return;
         }
-        if let Err(e) = self
-            .postmaster
-            .set_replication(Replication::default())
-            .await
-        {
+        let Some(sync) = self.first_sync(tick).await else {
+            return;
+        };
+        let primary = Replication {
+            standby: None,
+            synchronous_standby_names: quorum::standby_names(&sync),
+        };
+        if let Err(e) = self.postmaster.set_replication(primary).await {
             tracing::error!(error = %e, "cannot configure the primary");
             return;
         }
-        memory.applied = Sync::Off;
-        memory.published = None;
+        memory.applied = sync.clone();
+        memory.published = Some(sync);
         if let Err(e) = self.postmaster.start().await {
             tracing::warn!(error = %e, "primary did not start");
         }

@@ -103,6 +103,11 @@ pub fn target(
     if set.len() < number {
         set.extend(standbys);
     }
+    if set.is_empty() {
+        // No other instance known yet (a cluster being bootstrapped): nobody to wait for,
+        // and `ANY N ()` is no valid setting.
+        return (Sync::Off, false);
+    }
     (quorum(number, set.into_iter()), false)
 }
 
@@ -259,6 +264,8 @@ mod tests {
 
     #[test]
     fn the_primary_asks_for_streaming_standbys_and_never_silently_degrades() {
+        // No other instance known yet (bootstrap): nothing to wait for, no invalid `ANY 1 ()`.
+        assert_eq!(target(1, false, &[], &Sync::Off, &[]), (Sync::Off, false));
         let all = set(&["b", "c"]);
         let cases = vec![
             ("off", 0, false, vec!["b"], Sync::Off, (Sync::Off, false)),

@@ -123,8 +123,9 @@ pub enum Command {
     },
     /// Replace the replication settings (standby upstream, synchronous standbys) and reload.
     SetReplication(conf::Replication, Reply<Result<(), String>>),
-    /// Promote the running standby; replies once it accepts writes.
-    Promote(Reply<Result<(), String>>),
+    /// Promote the running standby, with these `synchronous_standby_names` in force from its
+    /// first write; replies once it accepts writes.
+    Promote(Option<String>, Reply<Result<(), String>>),
 }
 
 /// Handle used to talk to the actor.
@@ -174,8 +175,8 @@ impl Handle {
             .await
             .unwrap_or_else(|| Err("postmaster actor is gone".into()))
     }
-    pub async fn promote(&self) -> Result<(), String> {
-        self.call(Command::Promote)
+    pub async fn promote(&self, synchronous_standby_names: Option<String>) -> Result<(), String> {
+        self.call(|r| Command::Promote(synchronous_standby_names, r))
             .await
             .unwrap_or_else(|| Err("postmaster actor is gone".into()))
     }
@@ -402,7 +403,7 @@ impl Actor {
                 let result = self.reload(None).await;
                 let _ = reply.send(result);
             }
-            Command::Promote(reply) => self.promote(reply),
+            Command::Promote(names, reply) => self.promote(names, reply),
         }
     }
 
@@ -426,15 +427,40 @@ impl Actor {
 
     /// Promotes with `pg_promote` (which waits until the server accepts writes). The files
     /// stay as they are meanwhile (Postgres removes `standby.signal` itself, and fails if it
-    /// is gone already); the caller renders the primary's settings afterwards.
-    fn promote(&mut self, reply: Reply<Result<(), String>>) {
-        if !matches!(self.phase, Phase::Running) {
+    /// is gone already); the caller renders the primary's settings afterwards. The
+    /// synchronous standbys are set and reloaded first, so that no commit of the new primary
+    /// is acknowledged before a standby has it (quorum mode).
+    fn promote(&mut self, names: Option<String>, reply: Reply<Result<(), String>>) {
+        let Some(pid) = self
+            .child
+            .as_ref()
+            .map(|c| c.pid)
+            .filter(|_| matches!(self.phase, Phase::Running))
+        else {
             let _ = reply.send(Err("postgres is not running".into()));
             return;
+        };
+        let reload = names.is_some();
+        self.spec.settings.replication.synchronous_standby_names = names;
+        if let Err(e) = self.render() {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        if reload {
+            if let Err(e) = kill(pid, Signal::SIGHUP) {
+                let _ = reply.send(Err(format!("cannot signal the postmaster: {e}")));
+                return;
+            }
         }
         let s = &self.spec.settings;
         let (run_dir, port, user) = (s.run_dir.clone(), s.port, s.superuser.clone());
         tokio::spawn(async move {
+            if reload {
+                // Every process re-reads the file on SIGHUP within milliseconds (the
+                // checkpointer publishes whether commits wait); give them that before writes
+                // are possible.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
             let _ = reply.send(promote(&run_dir, port, &user).await);
         });
     }
