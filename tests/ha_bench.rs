@@ -410,7 +410,12 @@ fn longest_gap(w: &TimedWriter, from: Instant, to: Instant) -> Duration {
 /// The wall-clock time of day (UTC, to the millisecond), to match progress lines with the
 /// instances' logs.
 fn clock() -> String {
-    let ms = std::time::SystemTime::now()
+    clock_at(Instant::now())
+}
+
+/// [`clock`] for an earlier moment.
+fn clock_at(t: Instant) -> String {
+    let ms = (std::time::SystemTime::now() - t.elapsed())
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis())
         % 86_400_000;
@@ -421,6 +426,39 @@ fn clock() -> String {
         ms / 1000 % 60,
         ms % 1000
     )
+}
+
+/// The records of every instance about roles (pgwarden's elector and supervisor, Postgres's
+/// promotion and start-up), in time order, whose time of day lies between `from` and `to` (as
+/// [`clock`] writes them; the harness's pgwarden logs JSON).
+fn ha_records(c: &Cluster, from: &str, to: &str) -> Vec<String> {
+    let (from, to) = (&from[..12], &to[..12]);
+    let mut out: Vec<(String, String)> = Vec::new();
+    for i in 0..c.len() {
+        for line in c.output(i).lines() {
+            let wanted = line.contains("pgwarden::ha")
+                || line.contains("pgwarden::supervisor")
+                || ["promote", "timeline", "ready to accept", "redo", "recovery"]
+                    .iter()
+                    .any(|w| line.contains(w));
+            if !wanted {
+                continue;
+            }
+            let Some(k) = line.find("\"timestamp\":\"") else {
+                continue;
+            };
+            let Some((_, time)) = line[k + 13..].split_once('T') else {
+                continue;
+            };
+            let time = time.get(..12).unwrap_or(time).to_string();
+            if from <= time.as_str() && time.as_str() <= to {
+                let text: String = line.chars().take(400).collect();
+                out.push((time, format!("{}: {text}", c.name(i))));
+            }
+        }
+    }
+    out.sort();
+    out.into_iter().map(|(_, line)| line).collect()
 }
 
 /// `crashes_in_window` of the last "exited unexpectedly" record in `output`, if any.
@@ -837,16 +875,31 @@ async fn ha_figures() {
             };
             f.unprotected += unprotected;
             f.stall.push(stall);
-            f.seconds.push(match scenario {
+            let headline = match scenario {
                 Scenario::Switchover | Scenario::Sigterm => longest,
                 Scenario::PodLoss | Scenario::Hung | Scenario::Crash => first,
-            });
+            };
+            f.seconds.push(headline);
             eprintln!(
                 "{tag}: first write after {first:.2} s; longest gap between writes {longest:.2} s \
                  (after the first write: {stall:.2} s); {} had a synchronous standby {sync} and \
                  acknowledged {unprotected} writes before",
                 c.name(on)
             );
+            // A failover slower than its target: what the instances did meanwhile.
+            if matches!(scenario, Scenario::PodLoss | Scenario::Hung)
+                && headline > scenario.target().0
+            {
+                let records = ha_records(&c, &clock_at(o.t0), &clock_at(o.first.at));
+                eprintln!(
+                    "{tag}: over the target; the instances' records about roles from the failure \
+                     to the first write ({} lines):",
+                    records.len()
+                );
+                for line in &records[..records.len().min(200)] {
+                    eprintln!("    {line}");
+                }
+            }
 
             // Every acknowledged id on the primary.
             let ids = w.ids();
