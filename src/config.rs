@@ -191,7 +191,8 @@ pub struct WalConfig {
     /// Segments fetched ahead into the spool directory during recovery; 0 turns prefetch off.
     pub prefetch: u32,
     /// Where prefetched segments wait; default: `pgwarden-wal-spool` beside the data directory
-    /// (the same volume, so handing a segment to Postgres is a rename).
+    /// (the same volume, so handing a segment to Postgres is a rename). Never the data
+    /// directory, inside it or above it: pgwarden deletes WAL-named files here.
     pub spool_dir: Option<PathBuf>,
     /// Bound for each call to the destination (one upload, download or lookup).
     #[serde(with = "humantime_serde")]
@@ -494,6 +495,10 @@ impl Config {
         self.wal
             .validate()
             .map_err(|(key, message)| ConfigError::key(format!("wal.{key}"), message))?;
+        if let Some(spool) = &self.wal.spool_dir {
+            crate::wal::check_spool_dir(spool, &pg.data_dir)
+                .map_err(|message| ConfigError::key("wal.spool_dir", message))?;
+        }
         if self.http.status_listen == self.http.metrics_listen {
             return Err(ConfigError::key(
                 "http.metrics_listen",

@@ -91,7 +91,9 @@ pub async fn run(opts: Options) -> anyhow::Result<i32> {
     )
     .await?;
 
-    let found = datadir::inspect(&pg.data_dir)?;
+    // Anything but a missing or empty directory or a cluster (unreadable, foreign files)
+    // stops pgwarden here with the reason, before anything could initialise or clone over it.
+    let found = datadir::inspect(&pg.data_dir).await?;
     let preferred = match found {
         DataDir::Cluster { major } => Some(major),
         DataDir::Empty => None,

@@ -559,3 +559,81 @@ fn newest_unarchived(pg_wal: &Path, archive_wal: &Path) -> String {
     names.sort();
     names.pop().expect("an unarchived segment")
 }
+
+/// Every file below `dir` with its length and modification time.
+fn tree(dir: &Path) -> Vec<(std::path::PathBuf, u64, std::time::SystemTime)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let meta = e.metadata().unwrap();
+            if meta.is_dir() {
+                todo.push(e.path());
+            } else {
+                out.push((e.path(), meta.len(), meta.modified().unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn a_spool_directory_over_the_data_directory_is_refused_and_foreign_files_survive() {
+    let mut sb = Sandbox::new();
+    let archive = format!("file://{}", sb.dir.path().join("archive").display());
+    // A spool directory shared with someone else's file, and a segment an earlier run left.
+    let spool = sb.dir.path().join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    support::chown(&spool);
+    let foreign = spool.join("notes.txt");
+    let stale = spool.join(FIRST);
+    std::fs::write(&foreign, "not pgwarden's").unwrap();
+    std::fs::write(&stale, "stale").unwrap();
+    let good = wal_extra(&archive, &format!("spool_dir = \"{}\"\n", spool.display()));
+    sb.extra = good.clone();
+    let warden = sb.start();
+    let c = sb.wait_client(LONG).await;
+    c.batch_execute("CREATE TABLE kept (v int); INSERT INTO kept VALUES (7)")
+        .await
+        .unwrap();
+    eventually(
+        "the stale segment removed from the spool",
+        LONG,
+        async || (!stale.exists()).then_some(()),
+    )
+    .await;
+    assert_eq!(std::fs::read_to_string(&foreign).unwrap(), "not pgwarden's");
+    drop(c);
+    stop(warden);
+
+    // Restarted with the spool directory set to the volume holding the data directory: refused
+    // before anything is touched.
+    let data = sb.data_dir();
+    let before = tree(&data);
+    sb.extra = wal_extra(
+        &archive,
+        &format!("spool_dir = \"{}\"\n", sb.dir.path().display()),
+    );
+    let mut warden = sb.start();
+    let code = warden.wait_exit(LONG);
+    let out = warden.output();
+    assert!(!code.success(), "{out}");
+    assert!(
+        out.contains("wal.spool_dir")
+            && out.contains(&format!("contains the data directory {}", data.display())),
+        "{out}"
+    );
+    assert_eq!(tree(&data), before, "the data directory changed");
+    assert!(foreign.exists());
+
+    // The table is still there.
+    sb.extra = good;
+    let warden = sb.start();
+    let c = sb.wait_client(LONG).await;
+    let v: i32 = c.query_one("SELECT v FROM kept", &[]).await.unwrap().get(0);
+    assert_eq!(v, 7);
+    assert!(foreign.exists());
+    drop(c);
+    stop(warden);
+}

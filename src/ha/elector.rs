@@ -240,7 +240,7 @@ impl Elector {
         let local = self.local(&status, &obs);
         list.push(self.own_peer(&status, &obs, fenced));
         let has_data = matches!(
-            datadir::inspect(&self.pg.data_dir),
+            datadir::inspect(&self.pg.data_dir).await,
             Ok(DataDir::Cluster { .. })
         );
         let initialized = cluster

@@ -16,6 +16,7 @@ use crate::k8s::secrets::REPLICATION_ROLE;
 use crate::postgres::binaries::Binaries;
 use crate::postgres::conf::Upstream;
 use crate::postgres::connect::{connect_timeout, Target};
+use crate::postgres::datadir::{self, DataDir};
 use crate::supervisor::reaper::Reaper;
 
 /// A peer's Postgres address.
@@ -107,16 +108,27 @@ pub async fn clone(
     me: &str,
 ) -> Result<(), String> {
     let data = &pg.data_dir;
-    let staging = sibling(data, "clone");
-    if staging.exists() {
-        // Our own unfinished clone from an earlier attempt: never a usable cluster.
-        std::fs::remove_dir_all(&staging).map_err(|e| {
-            format!(
-                "cannot remove the unfinished clone {}: {e}",
-                staging.display()
-            )
-        })?;
+    // Checked again right before, like initdb: only a missing or empty directory is cloned
+    // into. An unreadable or foreign one is reported every time instead of copying the whole
+    // primary only to fail at the rename.
+    match datadir::inspect(data).await {
+        Ok(DataDir::Empty) => {}
+        Ok(DataDir::Cluster { .. }) => {
+            return Err(format!(
+                "{} already holds a cluster; not cloning over it",
+                data.display()
+            ))
+        }
+        Err(e) => return Err(format!("not cloning: {e}")),
     }
+    let staging = sibling(data, "clone");
+    // Our own unfinished clone from an earlier attempt: never a usable cluster.
+    datadir::remove_staging(&staging).await.map_err(|e| {
+        format!(
+            "cannot remove the unfinished clone {}: {e}",
+            staging.display()
+        )
+    })?;
     let mut cmd = Command::new(bins.tool("pg_basebackup"));
     cmd.arg("--pgdata")
         .arg(&staging)
@@ -129,7 +141,7 @@ pub async fn clone(
         .await
         .map_err(|e| format!("cannot run pg_basebackup: {e}"))?;
     if !out.status.success() {
-        let _ = std::fs::remove_dir_all(&staging);
+        let _ = datadir::remove_staging(&staging).await;
         return Err(format!(
             "pg_basebackup failed ({}): {}",
             out.status,

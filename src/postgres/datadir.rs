@@ -39,7 +39,16 @@ pub enum DataDirError {
     },
     #[error("{path} exists and is not a directory")]
     NotADirectory { path: PathBuf },
-    #[error("cannot inspect data directory {path}: {source}")]
+    #[error("data directory {path} is a symbolic link to nothing (an unmounted volume?); refusing to initialise or clone in its place")]
+    DanglingLink { path: PathBuf },
+    /// Reading failed (EACCES, EIO, ...): what is there is unknown, so it is never taken
+    /// for empty, which would lead to initdb or a clone.
+    #[error("cannot read data directory {path}: {source}; not treating it as empty (no initdb, no clone)")]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot prepare data directory {path}: {source}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -55,12 +64,39 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
     }
 }
 
-/// Classifies the data directory without changing it.
-pub fn inspect(path: &Path) -> Result<DataDir, DataDirError> {
+fn unreadable(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
+    move |source| DataDirError::Unreadable {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// [`classify`] on the blocking pool: a slow or hung volume must not stall the
+/// single-threaded runtime (and with it the probes).
+pub async fn inspect(path: &Path) -> Result<DataDir, DataDirError> {
+    let owned = path.to_path_buf();
+    tokio::task::spawn_blocking(move || classify(&owned))
+        .await
+        .map_err(|e| unreadable(path)(std::io::Error::other(e)))?
+}
+
+/// Classifies the data directory without changing it. Only a missing or truly empty
+/// directory is [`DataDir::Empty`]; any error reading it is [`DataDirError::Unreadable`].
+pub fn classify(path: &Path) -> Result<DataDir, DataDirError> {
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(DataDir::Empty),
-        Err(e) => return Err(io(path)(e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // A link whose target is missing is not a missing directory: initdb would put a
+            // new cluster where the operator pointed at other storage.
+            return match std::fs::symlink_metadata(path) {
+                Ok(_) => Err(DataDirError::DanglingLink {
+                    path: path.to_path_buf(),
+                }),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DataDir::Empty),
+                Err(e) => Err(unreadable(path)(e)),
+            };
+        }
+        Err(e) => return Err(unreadable(path)(e)),
     };
     if !meta.is_dir() {
         return Err(DataDirError::NotADirectory {
@@ -85,10 +121,15 @@ pub fn inspect(path: &Path) -> Result<DataDir, DataDirError> {
             Ok(DataDir::Cluster { major })
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut names: Vec<String> = std::fs::read_dir(path)
-                .map_err(io(path))?
-                .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-                .collect();
+            // Every entry must be read: skipping one that fails could make a full directory
+            // look empty.
+            let mut names = std::fs::read_dir(path)
+                .and_then(|entries| {
+                    entries
+                        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+                        .collect::<std::io::Result<Vec<String>>>()
+                })
+                .map_err(unreadable(path))?;
             if names.is_empty() {
                 return Ok(DataDir::Empty);
             }
@@ -110,7 +151,7 @@ pub fn inspect(path: &Path) -> Result<DataDir, DataDirError> {
                 hint,
             })
         }
-        Err(e) => Err(io(&version_file)(e)),
+        Err(e) => Err(unreadable(&version_file)(e)),
     }
 }
 
@@ -151,17 +192,15 @@ pub async fn initdb(
     pg: &PostgresConfig,
 ) -> Result<(), DataDirError> {
     let path = &pg.data_dir;
-    if inspect(path)? != DataDir::Empty {
+    if inspect(path).await? != DataDir::Empty {
         return Err(DataDirError::Initdb {
             status: "not run".into(),
             stderr: format!("{} is not empty", path.display()),
         });
     }
     let staging = staging_dir(path, "initdb");
-    if staging.exists() {
-        // Our own unfinished initdb from an earlier attempt: never a usable cluster.
-        std::fs::remove_dir_all(&staging).map_err(io(&staging))?;
-    }
+    // Our own unfinished initdb from an earlier attempt: never a usable cluster.
+    remove_staging(&staging).await.map_err(io(&staging))?;
     std::fs::create_dir_all(&staging).map_err(io(&staging))?;
     std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o700))
         .map_err(io(&staging))?;
@@ -206,6 +245,18 @@ pub async fn initdb(
     Ok(())
 }
 
+/// Removes pgwarden's own staging directory (from an unfinished initdb or clone) if there is
+/// one, on the blocking pool: a half-made cluster is thousands of files.
+pub async fn remove_staging(staging: &Path) -> std::io::Result<()> {
+    let owned = staging.to_path_buf();
+    tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&owned) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
 /// A sibling of the data directory for work that is renamed into place when complete.
 pub fn staging_dir(data: &Path, purpose: &str) -> PathBuf {
     let name = data
@@ -222,12 +273,12 @@ mod tests {
     fn classifies_directories() {
         let root = tempfile::tempdir().unwrap();
         let d = root.path().join("data");
-        assert_eq!(inspect(&d).unwrap(), DataDir::Empty);
+        assert_eq!(classify(&d).unwrap(), DataDir::Empty);
         std::fs::create_dir(&d).unwrap();
-        assert_eq!(inspect(&d).unwrap(), DataDir::Empty);
+        assert_eq!(classify(&d).unwrap(), DataDir::Empty);
 
         std::fs::write(d.join("notes.txt"), "x").unwrap();
-        let err = inspect(&d).unwrap_err().to_string();
+        let err = classify(&d).unwrap_err().to_string();
         assert!(
             err.contains("notes.txt") && err.contains("refusing"),
             "{err}"
@@ -235,26 +286,58 @@ mod tests {
 
         std::fs::remove_file(d.join("notes.txt")).unwrap();
         std::fs::create_dir(d.join("lost+found")).unwrap();
-        assert!(inspect(&d)
+        assert!(classify(&d)
             .unwrap_err()
             .to_string()
             .contains("root of a volume"));
         std::fs::remove_dir(d.join("lost+found")).unwrap();
 
         std::fs::write(d.join("PG_VERSION"), "15\n").unwrap();
-        assert!(matches!(inspect(&d), Err(DataDirError::Incomplete { .. })));
+        assert!(matches!(classify(&d), Err(DataDirError::Incomplete { .. })));
         std::fs::create_dir(d.join("global")).unwrap();
         std::fs::write(d.join("global/pg_control"), "").unwrap();
-        assert_eq!(inspect(&d).unwrap(), DataDir::Cluster { major: 15 });
+        assert_eq!(classify(&d).unwrap(), DataDir::Cluster { major: 15 });
 
         std::fs::write(d.join("PG_VERSION"), "garbage").unwrap();
-        assert!(matches!(inspect(&d), Err(DataDirError::BadVersion { .. })));
+        assert!(matches!(classify(&d), Err(DataDirError::BadVersion { .. })));
 
         let f = root.path().join("file");
         std::fs::write(&f, "").unwrap();
         assert!(matches!(
-            inspect(&f),
+            classify(&f),
             Err(DataDirError::NotADirectory { .. })
         ));
+
+        let link = root.path().join("link");
+        std::os::unix::fs::symlink(root.path().join("unmounted"), &link).unwrap();
+        assert!(matches!(
+            classify(&link),
+            Err(DataDirError::DanglingLink { .. })
+        ));
+    }
+
+    #[test]
+    fn a_read_error_is_never_empty() {
+        let root = tempfile::tempdir().unwrap();
+        // ENOTDIR: a path below a file, which fails for root too.
+        let file = root.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        let err = classify(&file.join("sub")).unwrap_err();
+        assert!(matches!(err, DataDirError::Unreadable { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains("not treating it as empty"),
+            "{err}"
+        );
+
+        // EACCES: root reads any directory, so this part needs an unprivileged user.
+        if nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let d = root.path().join("data");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o000)).unwrap();
+        let r = classify(&d);
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(matches!(r, Err(DataDirError::Unreadable { .. })), "{r:?}");
     }
 }

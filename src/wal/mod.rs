@@ -189,6 +189,64 @@ impl WalConfig {
     }
 }
 
+/// The spool directory must be a directory of its own: pgwarden deletes WAL-named files in
+/// it, which in (or as) the data directory would be `pg_wal`'s segments, and a spool above the
+/// data directory held the data directory itself when the spool was still removed whole.
+/// Paths are compared canonicalised as far as they exist (symbolic links, `..`), lexically
+/// below that.
+pub fn check_spool_dir(spool: &Path, data_dir: &Path) -> Result<(), String> {
+    let (s, d) = (resolved(spool), resolved(data_dir));
+    let relation = if s == d {
+        "is the data directory"
+    } else if s.starts_with(&d) {
+        "is inside the data directory"
+    } else if d.starts_with(&s) {
+        "contains the data directory"
+    } else {
+        return Ok(());
+    };
+    Err(format!(
+        "{} {relation} {}: pgwarden deletes WAL files in the spool directory, so it must be a \
+         directory of its own outside the data directory (the default, pgwarden-wal-spool beside \
+         it, is)",
+        spool.display(),
+        data_dir.display()
+    ))
+}
+
+/// `path` with symbolic links resolved as far as it exists, and `.` / `..` applied lexically
+/// to the part that does not exist (yet).
+fn resolved(path: &Path) -> PathBuf {
+    if let Ok(p) = std::fs::canonicalize(path) {
+        return p;
+    }
+    let mut lexical = PathBuf::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                lexical.pop();
+            }
+            other => lexical.push(other),
+        }
+    }
+    let mut missing = Vec::new();
+    let mut existing = lexical.as_path();
+    loop {
+        if let Ok(mut p) = std::fs::canonicalize(existing) {
+            p.extend(missing.iter().rev());
+            return p;
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_os_string());
+                existing = parent;
+            }
+            _ => return lexical,
+        }
+    }
+}
+
 /// Quotes a word for `/bin/sh` and escapes `%` for Postgres's command templates.
 fn shell_word(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''").replace('%', "%%"))
@@ -625,5 +683,46 @@ mod tests {
         wal.parallelism = 4;
         wal.destination = Some("ftp://x".into());
         assert_eq!(wal.validate().unwrap_err().0, "destination");
+    }
+
+    #[test]
+    fn the_spool_directory_stays_out_of_the_data_directory() {
+        let root = tempfile::tempdir().unwrap();
+        let volume = root.path().join("volume");
+        let data = volume.join("pgdata");
+        std::fs::create_dir_all(data.join("pg_wal")).unwrap();
+        let refused = |spool: &Path, what: &str| {
+            let err = check_spool_dir(spool, &data).unwrap_err();
+            assert!(
+                err.contains(what) && err.contains(&*data.to_string_lossy()),
+                "{}: {err}",
+                spool.display()
+            );
+        };
+        refused(&data, "is the data directory");
+        refused(&volume.join("x/../pgdata/."), "is the data directory");
+        refused(&data.join("pg_wal"), "inside the data directory");
+        refused(&data.join("not-yet/spool"), "inside the data directory");
+        refused(&volume, "contains the data directory");
+        refused(root.path(), "contains the data directory");
+        // Through a symbolic link to the volume.
+        let link = root.path().join("link");
+        std::os::unix::fs::symlink(&volume, &link).unwrap();
+        refused(&link.join("pgdata"), "is the data directory");
+        refused(&link, "contains the data directory");
+
+        // Beside it, existing or not, is fine; so is a name that merely starts the same.
+        for ok in [
+            volume.join("pgwarden-wal-spool"),
+            volume.join("pgdata-spool"),
+            root.path().join("elsewhere/spool"),
+        ] {
+            assert_eq!(check_spool_dir(&ok, &data), Ok(()), "{}", ok.display());
+        }
+        std::fs::create_dir(volume.join("pgwarden-wal-spool")).unwrap();
+        assert_eq!(
+            check_spool_dir(&volume.join("pgwarden-wal-spool"), &data),
+            Ok(())
+        );
     }
 }

@@ -65,6 +65,39 @@ fn tmp_name(path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// The WAL file a temporary name of [`write_atomic`] (`<wal>.pgwarden-<pid>.tmp`) is for.
+fn tmp_of(name: &str) -> Option<&str> {
+    let (wal, pid) = name.strip_suffix(".tmp")?.rsplit_once(".pgwarden-")?;
+    (!pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) && names::kind(wal).is_some())
+        .then_some(wal)
+}
+
+/// Whether pgwarden may delete `name` from the spool: a WAL file or one of its own
+/// temporary files, nothing else (the spool directory may be shared with other files).
+fn spool_file(name: &str) -> bool {
+    names::kind(name).is_some() || tmp_of(name).is_some()
+}
+
+/// Creates the spool directory, or empties an existing one of what an earlier run left
+/// (not trusted): WAL files and pgwarden's temporary files only, never recursively.
+pub fn prepare_spool(dir: &Path) -> std::io::Result<usize> {
+    std::fs::create_dir_all(dir)?;
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if !name.to_str().is_some_and(spool_file) || entry.file_type()?.is_dir() {
+            continue;
+        }
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
+}
+
 /// Moves a spooled file to where Postgres wants it: a rename on the same filesystem, else a
 /// copy (atomic at the destination) and a removal.
 pub fn hand_over(src: &Path, dest: &Path) -> std::io::Result<()> {
@@ -120,7 +153,7 @@ impl Restorer {
     }
 
     pub async fn run(mut self, mut calls: mpsc::Receiver<Call>) {
-        self.reconfigure();
+        self.reconfigure().await;
         loop {
             tokio::select! {
                 Some((req, reply)) = calls.recv() => self.request(req, reply),
@@ -128,21 +161,48 @@ impl Restorer {
                     Ok(outcome) => self.finished(outcome),
                     Err(e) => tracing::error!(error = %e, "WAL download task failed"),
                 },
-                Ok(()) = self.settings.changed() => self.reconfigure(),
+                Ok(()) = self.settings.changed() => self.reconfigure().await,
             }
         }
     }
 
-    fn reconfigure(&mut self) {
+    async fn reconfigure(&mut self) {
         let new = self.settings.borrow_and_update().clone();
-        self.current = new.map(|s| {
-            // Whatever an earlier run left in the spool is not trusted.
-            let _ = std::fs::remove_dir_all(&s.spool_dir);
-            let store = std::fs::create_dir_all(&s.spool_dir)
-                .map_err(|e| format!("cannot create {}: {e}", s.spool_dir.display()))
-                .and_then(|()| s.open_store());
-            (s, store)
-        });
+        self.current = match new {
+            None => None,
+            Some(s) => {
+                let store = match self.spool(&s).await {
+                    Ok(()) => s.open_store(),
+                    Err(e) => {
+                        tracing::error!(error = %e, "WAL restore from the archive is off");
+                        Err(e)
+                    }
+                };
+                Some((s, store))
+            }
+        };
+    }
+
+    /// Checks the spool directory again (the settings may not come from a validated
+    /// configuration file) and prepares it on the blocking pool.
+    async fn spool(&self, s: &Settings) -> Result<(), String> {
+        super::check_spool_dir(&s.spool_dir, &s.data_dir)
+            .map_err(|e| format!("wal.spool_dir: {e}"))?;
+        let dir = s.spool_dir.clone();
+        let removed = tokio::task::spawn_blocking(move || prepare_spool(&dir))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .map_err(|e| {
+                format!(
+                    "cannot prepare the spool directory {}: {e}",
+                    s.spool_dir.display()
+                )
+            })?;
+        if removed > 0 {
+            tracing::debug!(removed, spool = %s.spool_dir.display(), "stale spooled WAL files removed");
+        }
+        Ok(())
     }
 
     fn spooled(&self, name: &str) -> Option<PathBuf> {
@@ -283,7 +343,10 @@ impl Restorer {
                 let f = e.file_name();
                 let Some(f) = f.to_str() else { continue };
                 let old_segment = names::kind(f) == Some(Kind::Segment) && f < name;
-                if (old_segment || f.ends_with(".tmp")) && !self.running.contains(f) {
+                // A temporary file is left over unless its download still runs; files not
+                // named by pgwarden are never touched.
+                let stale_tmp = tmp_of(f).is_some_and(|wal| !self.running.contains(wal));
+                if (old_segment && !self.running.contains(f)) || stale_tmp {
                     let _ = std::fs::remove_file(e.path());
                 }
             }
@@ -321,5 +384,46 @@ mod tests {
         assert!(!src.exists());
         assert_eq!(std::fs::read(&dest).unwrap(), b"wal");
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn preparing_the_spool_removes_only_wal_and_own_temporary_files() {
+        let root = tempfile::tempdir().unwrap();
+        let spool = root.path().join("spool");
+        assert_eq!(prepare_spool(&spool).unwrap(), 0, "created when missing");
+        let ours = [
+            "000000010000000000000001",
+            "00000002.history",
+            "000000010000000000000003.partial",
+            "000000010000000000000002.00000028.backup",
+            "000000010000000000000004.pgwarden-123.tmp",
+        ];
+        let foreign = [
+            "notes.txt",
+            "PG_VERSION",
+            "x.tmp",
+            "000000010000000000000004.pgwarden-.tmp",
+            "000000010000000000000001.ready",
+        ];
+        for n in ours.iter().chain(&foreign) {
+            std::fs::write(spool.join(n), "x").unwrap();
+        }
+        // A directory is never removed, whatever its name.
+        std::fs::create_dir(spool.join("000000010000000000000009")).unwrap();
+        std::fs::write(spool.join("000000010000000000000009/f"), "x").unwrap();
+        assert_eq!(prepare_spool(&spool).unwrap(), ours.len());
+        let mut left: Vec<String> = std::fs::read_dir(&spool)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        let mut expected: Vec<String> = foreign.iter().map(|s| s.to_string()).collect();
+        expected.push("000000010000000000000009".into());
+        expected.sort();
+        assert_eq!(left, expected);
+        assert_eq!(
+            tmp_of("000000010000000000000004.pgwarden-123.tmp"),
+            Some("000000010000000000000004")
+        );
     }
 }
