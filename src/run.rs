@@ -99,6 +99,7 @@ pub async fn run(opts: Options) -> anyhow::Result<i32> {
         DataDir::Empty => None,
     };
     let binaries = Binaries::locate(&reaper, pg.bin_dir.as_deref(), preferred).await?;
+    binaries.check_tools()?;
     tracing::info!(bin_dir = %binaries.dir.display(), version = %binaries.version, "using PostgreSQL");
     let _ = version_tx.send(binaries.version.clone());
     // With Kubernetes the HA elector decides what an empty volume becomes (the first instance

@@ -294,6 +294,35 @@ fn a_missing_postgres_binary_is_reported() {
     );
 }
 
+#[test]
+fn an_incomplete_installation_names_what_to_install() {
+    // A bin directory with `postgres` alone: the tools pgwarden needs later (pg_basebackup at
+    // the first clone, pg_rewind at the first failover) are looked for at start.
+    let sb = Sandbox::new();
+    let bin = sb.dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let postgres = std::path::Path::new("/usr/lib/postgresql/15/bin/postgres");
+    std::os::unix::fs::symlink(postgres, bin.join("postgres")).unwrap();
+    let config = sb.config();
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "[postgres]\n",
+        &format!("[postgres]\nbin_dir = \"{}\"\n", bin.display()),
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut cmd = std::process::Command::new(support::binary());
+    cmd.arg("run").arg("--config").arg(&config);
+    let mut warden = sb.spawn(cmd);
+    let status = warden.wait_exit(LONG);
+    let out = warden.output();
+    assert_ne!(status.code(), Some(0));
+    assert!(
+        out.contains("initdb is missing beside postgres")
+            && out.contains("apt-get install postgresql-15"),
+        "{out}"
+    );
+    assert!(!sb.data_dir().exists(), "nothing initialised");
+}
+
 /// Runs pgwarden as PID 1 of a new PID namespace (root only).
 fn pid1(sb: &Sandbox) -> Warden {
     let user = support::pg_user().expect("root");

@@ -122,6 +122,10 @@ async fn run(opts: Options) -> anyhow::Result<i32> {
     // A subreaper: the Postgres processes of a killed pgwarden become the demo's, which reaps
     // them and finds them all at the end.
     let reaper = Reaper::start().context("cannot install the SIGCHLD handler")?;
+    // Before anything is created: without PostgreSQL, one line that says what to install.
+    crate::postgres::binaries::Binaries::locate(&reaper, None, None)
+        .await?
+        .check_tools()?;
     let run_as = setup::run_as()?;
     let ports = setup::ports(opts.base_port)?;
     let workdir = setup::workdir(opts.dir.as_deref(), run_as.as_ref())?;

@@ -6,6 +6,9 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool, JSON,
+};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -26,7 +29,7 @@ use crate::config::ParamValue;
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct PostgresClusterSpec {
     /// Number of instances; matches the StatefulSet's replicas.
     #[schemars(range(min = 1, max = 16))]
@@ -54,7 +57,7 @@ pub struct PostgresClusterSpec {
 /// pod: `AWS_*` environment variables (for example `envFrom` a Secret) or a Secret mounted at
 /// pgwarden's `wal.s3.credentials_dir`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct WalArchiveSpec {
     /// `s3://bucket/prefix` or `file:///path` (a mounted volume); archiving is off when
     /// neither this nor pgwarden's configuration sets one. An empty string turns it off.
@@ -77,7 +80,7 @@ pub struct WalArchiveSpec {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct WalS3Spec {
     /// Endpoint of an S3-compatible service (default: AWS).
     #[serde(default)]
@@ -134,7 +137,7 @@ impl WalArchiveSpec {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct PostgresqlSpec {
     /// postgresql.conf parameters (strings or integers). Parameters pgwarden owns are refused.
     #[serde(default)]
@@ -163,7 +166,7 @@ impl JsonSchema for SpecParam {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct SynchronousSpec {
     #[serde(default)]
     pub mode: SynchronousMode,
@@ -186,7 +189,7 @@ pub enum SynchronousMode {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.renewDeadlineSeconds + self.retryPeriodSeconds < self.leaseDurationSeconds").message("renewDeadlineSeconds + retryPeriodSeconds must be less than leaseDurationSeconds"))]
 pub struct FailoverSpec {
     #[serde(default = "defaults::lease_duration")]
@@ -236,7 +239,7 @@ mod defaults {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ProbesSpec {
     /// A standby whose replay is further behind is not ready.
     #[serde(default)]
@@ -244,7 +247,7 @@ pub struct ProbesSpec {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct MonitoringSpec {
     /// A ConfigMap key holding custom metric queries (postgres_exporter / CloudNativePG format).
     #[serde(default)]
@@ -252,7 +255,7 @@ pub struct MonitoringSpec {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct SecretsSpec {
     /// Secret with the superuser password (key `password`).
     pub superuser: KeyRef,
@@ -262,7 +265,7 @@ pub struct SecretsSpec {
 
 /// A key of a Secret or ConfigMap in the cluster's namespace.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct KeyRef {
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
@@ -406,9 +409,23 @@ pub fn validate(spec: &PostgresClusterSpec) -> Result<(), Vec<String>> {
     }
 }
 
-/// Parses a spec as stored in the API server, naming the field of the first error.
-pub fn parse_spec(spec: &serde_json::Value) -> Result<PostgresClusterSpec, String> {
-    serde_path_to_error::deserialize(spec).map_err(|e| {
+/// A spec as this version of pgwarden understands it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParsedSpec {
+    pub spec: PostgresClusterSpec,
+    /// Fields this version does not know, ignored (`spec.postgresql.newThing`): during a
+    /// rolling upgrade the CRD is newer than some instances, and an unknown field must never
+    /// stop one.
+    pub unknown: Vec<String>,
+}
+
+/// Parses a spec as stored in the API server, naming the field of the first error. Unknown
+/// fields are not errors: they are collected in [`ParsedSpec::unknown`].
+pub fn parse_spec(spec: &serde_json::Value) -> Result<ParsedSpec, String> {
+    let mut unknown = Vec::new();
+    let mut record = |path: serde_ignored::Path| unknown.push(format!("spec.{path}"));
+    let deserializer = serde_ignored::Deserializer::new(spec, &mut record);
+    let parsed = serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
         if path == "." {
@@ -416,14 +433,60 @@ pub fn parse_spec(spec: &serde_json::Value) -> Result<PostgresClusterSpec, Strin
         } else {
             format!("spec.{path}: {inner}")
         }
+    })?;
+    Ok(ParsedSpec {
+        spec: parsed,
+        unknown,
     })
+}
+
+/// The CustomResourceDefinition, as a real API server accepts it: a structural schema.
+///
+/// What schemars writes for `Option<Enum>` (`enum: [.., null]`) and for defaults of
+/// `Option` fields (`field: null`) is legal but noisy; both are removed, since `nullable:
+/// true` already admits null and a missing field means the same as a null one to pgwarden.
+pub fn crd() -> CustomResourceDefinition {
+    use kube::CustomResourceExt;
+    let mut crd = PostgresCluster::crd();
+    for version in &mut crd.spec.versions {
+        if let Some(schema) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        {
+            tidy_schema(schema);
+        }
+    }
+    crd
+}
+
+fn tidy_schema(s: &mut JSONSchemaProps) {
+    if let Some(values) = &mut s.enum_ {
+        values.retain(|v| !v.0.is_null());
+    }
+    if let Some(JSON(serde_json::Value::Object(fields))) = &mut s.default {
+        fields.retain(|_, v| !v.is_null());
+    }
+    let children = s
+        .properties
+        .iter_mut()
+        .flat_map(|p| p.values_mut())
+        .chain(match &mut s.additional_properties {
+            Some(JSONSchemaPropsOrBool::Schema(schema)) => Some(schema.as_mut()),
+            _ => None,
+        })
+        .chain(match &mut s.items {
+            Some(JSONSchemaPropsOrArray::Schema(schema)) => Some(schema.as_mut()),
+            _ => None,
+        });
+    for child in children {
+        tidy_schema(child);
+    }
 }
 
 /// The CRD as YAML, as committed in `config/crd.yaml`.
 pub fn crd_yaml() -> String {
-    use kube::CustomResourceExt;
-    let crd = PostgresCluster::crd();
-    let yaml = serde_yaml::to_string(&crd).unwrap_or_default();
+    let yaml = serde_yaml::to_string(&crd()).unwrap_or_default();
     // YAML 1.1 readers (kubectl apply -f) take a bare `off` for the boolean false.
     let yaml = yaml
         .replace(": off\n", ": \"off\"\n")
@@ -445,7 +508,7 @@ mod tests {
 
     #[test]
     fn defaults_fill_in() {
-        let spec = parse_spec(&base()).unwrap();
+        let spec = parse_spec(&base()).unwrap().spec;
         assert_eq!(spec.failover.lease_duration_seconds, 10);
         assert_eq!(spec.secrets.superuser.key, "password");
         assert_eq!(spec.update_strategy, UpdateStrategy::Restart);
@@ -453,19 +516,31 @@ mod tests {
     }
 
     #[test]
-    fn bad_input_names_the_field() {
+    fn unknown_fields_are_collected_not_refused() {
         let mut v = base();
         v["postgresql"] = json!({"parameters": {"work_mem": "4MB"}, "bogus": 1});
-        let e = parse_spec(&v).unwrap_err();
-        assert!(e.contains("spec.postgresql") && e.contains("bogus"), "{e}");
+        v["futureFeature"] = json!({"enabled": true});
+        let parsed = parse_spec(&v).unwrap();
+        assert_eq!(
+            parsed.unknown,
+            ["spec.futureFeature", "spec.postgresql.bogus"],
+        );
+        assert_eq!(
+            parsed.spec.postgresql.parameters["work_mem"],
+            SpecParam(ParamValue::Str("4MB".into()))
+        );
+        assert!(validate(&parsed.spec).is_ok());
+    }
 
+    #[test]
+    fn bad_input_names_the_field() {
         let mut v = base();
         v["instances"] = json!("three");
         assert!(parse_spec(&v).unwrap_err().contains("spec.instances"));
 
         let mut v = base();
         v["postgresql"] = json!({"parameters": {"port": 5433}});
-        let problems = validate(&parse_spec(&v).unwrap()).unwrap_err();
+        let problems = validate(&parse_spec(&v).unwrap().spec).unwrap_err();
         assert!(
             problems[0].starts_with("spec.postgresql.parameters.port"),
             "{problems:?}"
@@ -473,7 +548,7 @@ mod tests {
 
         let mut v = base();
         v["failover"] = json!({"leaseDurationSeconds": 8, "renewDeadlineSeconds": 6});
-        let problems = validate(&parse_spec(&v).unwrap()).unwrap_err();
+        let problems = validate(&parse_spec(&v).unwrap().spec).unwrap_err();
         assert!(problems[0].contains("leaseDurationSeconds"), "{problems:?}");
     }
 
@@ -481,7 +556,7 @@ mod tests {
     fn wal_archive_is_layered_and_checked() {
         let mut v = base();
         v["walArchive"] = json!({"destination": "s3://bkt/pg", "parallelism": 8, "s3": {"endpoint": "http://minio:9000", "allowHttp": true}});
-        let spec = parse_spec(&v).unwrap();
+        let spec = parse_spec(&v).unwrap().spec;
         assert!(validate(&spec).is_ok());
         let w = spec.wal_archive.unwrap().apply(
             &crate::config::WalConfig::default(),
@@ -493,7 +568,7 @@ mod tests {
         assert!(w.s3.allow_http);
         let mut v = base();
         v["walArchive"] = json!({"destination": "ftp://x"});
-        let problems = validate(&parse_spec(&v).unwrap()).unwrap_err();
+        let problems = validate(&parse_spec(&v).unwrap().spec).unwrap_err();
         assert!(
             problems[0].starts_with("spec.walArchive.destination"),
             "{problems:?}"

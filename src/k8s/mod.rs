@@ -60,6 +60,9 @@ pub struct Shared {
     pub report_now: Notify,
     /// The latest PostgresCluster seen by the reconciler.
     pub cluster: watch::Sender<Option<Arc<DynamicObject>>>,
+    /// The last valid spec (parsed and validated by the reconciler). A later spec that cannot
+    /// be used leaves this one in force, so that HA never stops on a bad or newer spec.
+    pub spec: watch::Sender<Option<Arc<crd::PostgresClusterSpec>>>,
     /// The replication role's password, from its Secret (for standbys' passfile).
     pub replication_password: watch::Sender<Option<String>>,
     /// The HA elector's view, when HA runs.
@@ -135,8 +138,11 @@ pub trait Reachability: std::fmt::Display {
 }
 
 impl Reachability for kube::Error {
+    /// An answer that shows the API server can serve requests. 5xx and 429 do not: an API
+    /// server whose etcd is down answers them to every request, and is as unusable as a silent
+    /// one (Patroni users lose their primary when 5xx is taken for "reachable": patroni#3344).
     fn answered(&self) -> bool {
-        matches!(self, kube::Error::Api(_))
+        matches!(self, kube::Error::Api(s) if s.code < 500 && s.code != 429)
     }
 }
 
@@ -212,6 +218,7 @@ pub async fn start(s: Start) -> anyhow::Result<Option<Arc<Shared>>> {
         conditions: Mutex::default(),
         report_now: Notify::new(),
         cluster: cluster_tx,
+        spec: watch::channel(None).0,
         replication_password: watch::channel(None).0,
         ha: watch::channel(None).0,
         failsafe_ack: Mutex::default(),
@@ -238,6 +245,7 @@ pub async fn start(s: Start) -> anyhow::Result<Option<Arc<Shared>>> {
             base_wal: s.config.wal.clone(),
             applied: None,
             invalid_generation: None,
+            api_timeout: k.api_timeout,
         }
         .run(),
     );

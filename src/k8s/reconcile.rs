@@ -44,6 +44,8 @@ pub struct Reconciler {
     pub applied: Option<(i64, PostgresConfig)>,
     /// A generation already reported as invalid (reported once).
     pub invalid_generation: Option<i64>,
+    /// pgwarden's `kubernetes.api_timeout`, which the spec's renew deadline must exceed.
+    pub api_timeout: Duration,
 }
 
 impl Reconciler {
@@ -80,12 +82,16 @@ impl Reconciler {
         {
             return; // a status update or a resync: nothing new in the spec
         }
-        let spec = match parse(obj) {
-            Ok(spec) => spec,
+        let parsed = match parse(obj, self.api_timeout) {
+            Ok(parsed) => parsed,
             Err(problems) => {
                 self.invalid_generation = Some(generation);
-                let message = problems.join("; ");
-                tracing::error!(generation, %message, "invalid PostgresCluster spec; keeping the running configuration");
+                let kept = match &self.applied {
+                    Some((g, _)) => format!("generation {g} stays in force"),
+                    None => "no valid spec yet".to_string(),
+                };
+                let message = format!("{}; {kept}", problems.join("; "));
+                tracing::error!(generation, %message, "invalid PostgresCluster spec; keeping the last valid one");
                 self.shared.set_condition(
                     "SpecValid",
                     false,
@@ -97,13 +103,33 @@ impl Reconciler {
                 return;
             }
         };
-        self.shared.set_condition(
-            "SpecValid",
-            true,
-            "Valid",
-            "the spec is valid",
-            Some(generation),
-        );
+        let spec = parsed.spec;
+        self.shared.spec.send_replace(Some(Arc::new(spec.clone())));
+        if parsed.unknown.is_empty() {
+            self.shared.set_condition(
+                "SpecValid",
+                true,
+                "Valid",
+                "the spec is valid",
+                Some(generation),
+            );
+        } else {
+            // Reported once per generation (the reconciler sees each generation once).
+            let message = format!(
+                "ignored, unknown to pgwarden {}: {}",
+                env!("CARGO_PKG_VERSION"),
+                parsed.unknown.join(", ")
+            );
+            tracing::warn!(generation, %message, "the spec has fields this version does not know");
+            self.shared.set_condition(
+                "SpecValid",
+                true,
+                "UnknownFields",
+                &message,
+                Some(generation),
+            );
+            self.events.warning("UnknownSpecField", message).await;
+        }
         send_if_changed(&self.secrets, Some(spec.secrets.clone()));
         send_if_changed(&self.queries, spec.monitoring.custom_queries.clone());
         send_if_changed(
@@ -286,12 +312,22 @@ fn send_if_changed<T: PartialEq>(tx: &watch::Sender<T>, value: T) {
 }
 
 /// Parses and validates the stored spec; every problem names its field.
-fn parse(obj: &DynamicObject) -> Result<PostgresClusterSpec, Vec<String>> {
+fn parse(obj: &DynamicObject, api_timeout: Duration) -> Result<crd::ParsedSpec, Vec<String>> {
     let spec = obj
         .data
         .get("spec")
         .ok_or_else(|| vec!["spec: missing".to_string()])?;
-    let spec = crd::parse_spec(spec).map_err(|e| vec![e])?;
-    crd::validate(&spec)?;
-    Ok(spec)
+    let parsed = crd::parse_spec(spec).map_err(|e| vec![e])?;
+    crd::validate(&parsed.spec)?;
+    // A renewal that may take as long as the renew deadline can never keep the Lease on a
+    // slow API server: every such renewal would end in a fence.
+    let deadline = Duration::from_secs(u64::from(parsed.spec.failover.renew_deadline_seconds));
+    if api_timeout >= deadline {
+        return Err(vec![format!(
+            "spec.failover.renewDeadlineSeconds ({}) must be longer than pgwarden's kubernetes.api_timeout ({}s)",
+            deadline.as_secs(),
+            api_timeout.as_secs_f64()
+        )]);
+    }
+    Ok(parsed)
 }

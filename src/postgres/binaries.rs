@@ -1,7 +1,6 @@
 //! Finding the PostgreSQL binaries and their major version.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use crate::supervisor::reaper::Reaper;
 
@@ -20,8 +19,10 @@ pub struct Binaries {
 pub enum BinariesError {
     #[error("postgres binary not found at {0} (check postgres.bin_dir)")]
     Missing(PathBuf),
-    #[error("no PostgreSQL installation found under {DEBIAN_LAYOUT} or through pg_config on PATH; set postgres.bin_dir")]
+    #[error("PostgreSQL is not installed (nothing under {DEBIAN_LAYOUT}, no pg_config on PATH): install it (on Debian: `apt-get install postgresql-15`) or set postgres.bin_dir")]
     NotFound,
+    #[error("{0} is missing beside postgres: install PostgreSQL's server package completely (on Debian: `apt-get install postgresql-15`)")]
+    Tool(PathBuf),
     #[error("cannot run {path}: {source}")]
     Run {
         path: PathBuf,
@@ -37,6 +38,18 @@ impl Binaries {
     }
     pub fn tool(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+
+    /// The tools pgwarden runs besides `postgres`: a missing one is found at start, not at
+    /// the first failover.
+    pub fn check_tools(&self) -> Result<(), BinariesError> {
+        for name in ["initdb", "pg_basebackup", "pg_rewind", "pg_controldata"] {
+            let path = self.tool(name);
+            if !path.is_file() {
+                return Err(BinariesError::Tool(path));
+            }
+        }
+        Ok(())
     }
 
     /// Uses `configured` when set; otherwise the Debian layout (preferring `preferred_major`,
@@ -60,7 +73,7 @@ impl Binaries {
             return Err(BinariesError::Missing(postgres));
         }
         let out = reaper
-            .output(Command::new(&postgres).arg("--version"))
+            .output(crate::postgres::command(&postgres).arg("--version"))
             .await
             .map_err(|source| BinariesError::Run {
                 path: postgres.clone(),
@@ -94,7 +107,7 @@ fn debian_bin_dir(root: &Path, preferred: Option<u32>) -> Option<PathBuf> {
 
 async fn pg_config_bindir(reaper: &Reaper) -> Option<PathBuf> {
     let out = reaper
-        .output(Command::new("pg_config").arg("--bindir"))
+        .output(crate::postgres::command("pg_config").arg("--bindir"))
         .await
         .ok()?;
     let dir = out.stdout.trim();

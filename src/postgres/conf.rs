@@ -282,13 +282,15 @@ pub fn render(pg: &PostgresConfig, os_user: &str) -> Rendered {
         let _ = writeln!(conf, "restore_command = {}", pq(&a.restore_command));
     }
 
+    // The same for a primary and a standby: it can change only at a restart, and a promoted
+    // standby's reload must not log "contains errors" for a line that went away.
+    conf.push_str("recovery_target_timeline = 'latest'\n");
     let r = &pg.replication;
     if let Some(up) = &r.standby {
         let _ = writeln!(conf, "primary_conninfo = {}", pq(&up.conninfo));
         if let Some(slot) = &up.slot {
             let _ = writeln!(conf, "primary_slot_name = {}", pq(slot));
         }
-        conf.push_str("recovery_target_timeline = 'latest'\n");
     }
     if let Some(names) = &r.synchronous_standby_names {
         let _ = writeln!(conf, "synchronous_standby_names = {}", pq(names));
@@ -360,7 +362,7 @@ pub async fn check(
     let path = pg.run_dir.join("postgresql.conf.candidate");
     write_atomic(&path, &candidate.postgresql_conf)
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    let mut cmd = std::process::Command::new(postgres);
+    let mut cmd = crate::postgres::command(postgres);
     cmd.arg("-D")
         .arg(&pg.data_dir)
         .arg("-c")
@@ -471,6 +473,11 @@ mod tests {
         let primary = render(&cfg, "postgres");
         assert!(!primary.standby);
         assert!(!primary.postgresql_conf.contains("primary_conninfo"));
+        // A restart-only parameter renders the same for both roles (no reload error after a
+        // promotion).
+        assert!(primary
+            .postgresql_conf
+            .contains("recovery_target_timeline = 'latest'"));
         cfg.replication.standby = Some(Upstream {
             conninfo: "host=10.0.0.1 port=5432 user=streaming_replica".into(),
             slot: Some("pg_1".into()),
