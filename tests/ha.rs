@@ -8,6 +8,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use support::apiserver::Fault;
 use support::cluster::{
     connect_within, eventually, quorum, slot_name, Cluster, Rng, FENCED_INSTANCES, NS,
     SWITCHOVER_TO,
@@ -18,6 +19,15 @@ use tokio::time::{sleep, timeout};
 const LONG: Duration = Duration::from_secs(120);
 
 fn no_change(_: &mut Value) {}
+
+/// After a promotion Postgres re-reads a configuration in which nothing it cannot change
+/// without a restart has changed: no instance logs "contains errors".
+fn assert_no_configuration_errors(c: &Cluster) {
+    for i in 0..c.len() {
+        let out = c.output(i);
+        assert!(!out.contains("contains errors"), "{}:\n{out}", c.name(i));
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bootstrap_one_primary_two_streaming_standbys_with_slots() {
@@ -169,6 +179,7 @@ async fn killed_primary_fails_over_without_losing_acknowledged_commits() {
     c.assert_no_loss(&acked, new).await;
     c.assert_no_loss(&acked, old).await;
     checker.assert_clean().await;
+    assert_no_configuration_errors(&c);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -396,6 +407,7 @@ async fn switchover_by_annotation_and_by_cli() {
     let acked = writer.stop().await;
     c.assert_no_loss(&acked, third).await;
     checker.assert_clean().await;
+    assert_no_configuration_errors(&c);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -761,4 +773,161 @@ async fn chaos_loop_loses_no_acknowledged_commit() {
     }
     assert_eq!(c.wait_all_streaming(LONG).await, p);
     checker.assert_clean().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Safety in an unkind world, at the default timings (Lease 10 / 6 / 2 s, `api_timeout` 5 s,
+// monitor 2 s) and in both synchronous modes.
+
+/// How late the fence timer stopped writes, from the instance's log: the seconds since its
+/// last confirmed renewal, as pgwarden measured them.
+fn fence_timer_lateness(output: &str) -> Option<f64> {
+    let rest = output.split("fence timer: lease not renewed for ").nth(1)?;
+    rest.split('s').next()?.parse().ok()
+}
+
+/// The primary's Lease renewals hang (its reads are answered): it stops writes by its renew
+/// deadline, from a timer, although its elector waits on the renewal for `api_timeout`; a
+/// standby takes over, never while the old primary still takes writes.
+async fn hung_renewals_fence_on_time(spec: fn(&mut Value), lossless: bool) {
+    let c = Cluster::start_ready_at_defaults(3, spec).await;
+    let writer = c.writer().await;
+    let checker = c.checker();
+    writer.wait_progress(20, LONG).await;
+    let old = c.wait_primary(LONG).await;
+    let name = c.name(old).to_string();
+    c.server
+        .set_fault_on(&name, Some("update"), Some("leases"), Fault::Blackhole);
+    let new = c.wait_new_primary(old, LONG).await;
+    writer.wait_progress(20, LONG).await;
+
+    let out = c.output(old);
+    let late = fence_timer_lateness(&out).unwrap_or_else(|| panic!("no fence timer:\n{out}"));
+    // The renew deadline is 6 s; the renewal in flight would have held the elector to 7 s.
+    assert!(late < 6.5, "fenced {late}s after the last renewal");
+
+    c.server.clear_faults(&name);
+    assert_eq!(c.wait_streaming(old, LONG).await, new);
+    let acked = writer.stop().await;
+    if lossless {
+        c.assert_no_loss(&acked, new).await;
+    }
+    checker.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hung_lease_renewals_fence_on_time_asynchronous() {
+    hung_renewals_fence_on_time(no_change, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hung_lease_renewals_fence_on_time_quorum() {
+    hung_renewals_fence_on_time(quorum, true).await;
+}
+
+/// In asynchronous mode (the default) a switchover and a SIGTERM hand-over promote the target
+/// without a fence: it renews the Lease it was handed before it takes writes. Nothing in any
+/// instance's log says the configuration has errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn asynchronous_hand_overs_need_no_fence() {
+    let mut c = Cluster::start_ready_at_defaults(3, no_change).await;
+    let writer = c.writer().await;
+    let checker = c.checker();
+    writer.wait_progress(20, LONG).await;
+
+    let first = c.wait_primary(LONG).await;
+    let second = c.others(first)[0];
+    c.annotate(SWITCHOVER_TO, Some(c.name(second)));
+    assert_eq!(c.wait_new_primary(first, LONG).await, second);
+    assert_eq!(c.wait_streaming(first, LONG).await, second);
+    writer.wait_progress(20, LONG).await;
+
+    c.sigterm(second);
+    let status = c.wait_exit(second, LONG).await;
+    assert!(status.success(), "{status}\n{}", c.output(second));
+    let third = c.wait_new_primary(second, LONG).await;
+    writer.wait_progress(20, LONG).await;
+    c.restart(second);
+    assert_eq!(c.wait_streaming(second, LONG).await, third);
+
+    for i in 0..c.len() {
+        let out = c.output(i);
+        for bad in ["fencing myself", "fence timer", "contains errors"] {
+            assert!(!out.contains(bad), "{} logged {bad:?}:\n{out}", c.name(i));
+        }
+    }
+    let acked = writer.stop().await;
+    c.assert_no_loss(&acked, third).await;
+    checker.assert_clean().await;
+}
+
+/// A rolling upgrade of pgwarden: the CRD gains a field this version does not know, and the spec
+/// uses it. Every instance reports the field once and ignores it; the primary keeps renewing,
+/// and a failover still happens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_spec_field_from_a_newer_version_keeps_ha_running() {
+    let mut c = Cluster::start_ready(3, no_change).await;
+    let p = c.wait_primary(LONG).await;
+    c.server.update_with(
+        "apiextensions.k8s.io/v1",
+        "customresourcedefinitions",
+        "",
+        "postgresclusters.pgwarden.dev",
+        |crd| {
+            let spec = &mut crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
+                ["spec"]["properties"];
+            spec["futureFeature"] =
+                json!({"type": "object", "properties": {"enabled": {"type": "boolean"}}});
+        },
+    );
+    c.set_spec(|s| s["futureFeature"] = json!({"enabled": true}));
+    assert_eq!(c.cluster()["spec"]["futureFeature"]["enabled"], true);
+
+    for i in 0..c.len() {
+        let name = c.name(i).to_string();
+        eventually(
+            &format!("{name} reporting the unknown field"),
+            LONG,
+            async || {
+                let entry = &c.cluster()["status"]["instances"][&name];
+                let valid = entry["conditions"]
+                    .as_array()?
+                    .iter()
+                    .find(|c| c["type"] == "SpecValid")?
+                    .clone();
+                (valid["status"] == "True"
+                    && valid["reason"] == "UnknownFields"
+                    && valid["message"].as_str()?.contains("spec.futureFeature"))
+                .then_some(())
+            },
+        )
+        .await;
+    }
+    let notes: Vec<Value> = c
+        .server
+        .list("events.k8s.io/v1", "events", NS)
+        .into_iter()
+        .filter(|e| e["reason"] == "UnknownSpecField")
+        .collect();
+    assert!(!notes.is_empty(), "no UnknownSpecField Event");
+
+    // The primary renews ...
+    let renewed = || {
+        c.server
+            .get("coordination.k8s.io/v1", "leases", NS, "pg-leader")
+            .map(|l| l["spec"]["renewTime"].clone())
+    };
+    let before = renewed();
+    eventually("a renewal after the change", LONG, async || {
+        (renewed() != before).then_some(())
+    })
+    .await;
+    // ... and when it is lost, a standby takes over.
+    let writer = c.writer().await;
+    c.kill9(p);
+    let new = c.wait_new_primary(p, LONG).await;
+    writer.wait_progress(20, LONG).await;
+    c.restart(p);
+    assert_eq!(c.wait_streaming(p, LONG).await, new);
+    writer.stop().await;
 }

@@ -78,6 +78,8 @@ pub struct Elector {
     pub api_timeout: Duration,
     /// When the last failsafe round that confirmed this primary was sent.
     pub failsafe_at: Option<Instant>,
+    /// Stops writes at the renew deadline, whatever this loop is waiting for.
+    pub fence: super::fence::FenceTimer,
 }
 
 /// What the elector remembers between ticks.
@@ -137,6 +139,7 @@ impl Elector {
             ..Memory::default()
         };
         let mut cluster = self.shared.cluster.subscribe();
+        let mut spec = self.shared.spec.subscribe();
         let mut status = self.status.clone();
         loop {
             let timings = self.timings();
@@ -166,6 +169,7 @@ impl Elector {
                 _ = tokio::time::sleep(deadline.max(Duration::from_millis(20))) => {}
                 _ = wake.notified() => {}
                 _ = cluster.changed() => {}
+                _ = spec.changed() => {}
                 _ = status.changed() => {}
                 cmd = commands.recv() => {
                     if let Some(Command::Shutdown(done)) = cmd {
@@ -178,11 +182,12 @@ impl Elector {
         }
     }
 
+    /// The PostgresCluster and the last valid spec: a later spec that is invalid, or that
+    /// this version cannot parse, never stops HA (the reconciler reports it).
     fn spec(&self) -> Option<(Arc<DynamicObject>, PostgresClusterSpec)> {
         let cluster = self.shared.cluster.borrow().clone()?;
-        let spec = crd::parse_spec(cluster.data.get("spec")?).ok()?;
-        crd::validate(&spec).ok()?;
-        Some((cluster, spec))
+        let spec = self.shared.spec.borrow().clone()?;
+        Some((cluster, PostgresClusterSpec::clone(&spec)))
     }
 
     fn timings(&self) -> Timings {
@@ -216,8 +221,10 @@ impl Elector {
         // Failsafe: cut off from the API server, a primary keeps its writes while every
         // member answers that it is cut off too (so none can take the Lease) and has promised
         // not to compete for a lease duration. It counts as a renewal sent at `sent`.
+        // With no member listed nobody has confirmed anything.
         if leading
             && result.as_ref().is_err_and(unanswered)
+            && !members.is_empty()
             && docs.len() == members.len()
             && docs.values().all(peers::api_unreachable)
         {
@@ -231,6 +238,7 @@ impl Elector {
             // It ages out by itself: when the API server is back, the first renewal must not
             // find the last one too old.
             self.failsafe_at = Some(sent);
+            self.fence.confirmed(sent, timings(&spec).renew_deadline);
         }
         let lease = self.promised(lease);
         let mut list: Vec<Peer> = docs
@@ -255,7 +263,14 @@ impl Elector {
             lease,
             api_reachable: result.is_ok(),
             since_renew: self.since_confirmed(),
-            timings: timings(&spec),
+            timings: {
+                // Expiry is judged by the longer of our lease duration and the one its holder
+                // wrote: during a change of timings, a holder on the old (longer) value must
+                // not be taken over early.
+                let mut t = timings(&spec);
+                t.lease_duration = t.lease_duration.max(self.lease.written_duration());
+                t
+            },
             following: None,
             peers: list.clone(),
             sync: self.lease.published_sync(),
@@ -687,21 +702,27 @@ impl Elector {
     /// The synchronous set a new primary starts with, published in the Lease before Postgres
     /// uses it: in quorum mode commits wait for any N of the other instances from the first
     /// write on (the usual set changes follow from there). `None` when it cannot be published.
+    ///
+    /// Publishing is a renewal of this process's own, which every new primary needs before
+    /// it takes writes, in either mode: a switchover target was handed the Lease without
+    /// renewing it, and only a renewal arms the fence timer.
     async fn first_sync(&mut self, tick: &Tick) -> Option<Sync> {
         let s = &tick.spec.synchronous;
-        if s.mode != crd::SynchronousMode::Quorum || s.number == 0 {
-            return Some(Sync::Off);
-        }
-        let others: Vec<String> = tick.members.iter().map(|m| m.name.clone()).collect();
-        let (sync, _) = quorum::target(
-            s.number as usize,
-            s.allow_degraded,
-            &[],
-            &Sync::Off,
-            &others,
-        );
-        if sync != Sync::Off && !matches!(self.lease.renew_publishing(&sync).await, Ok(true)) {
-            tracing::warn!("cannot publish the synchronous set before taking writes; retrying");
+        let sync = if s.mode != crd::SynchronousMode::Quorum || s.number == 0 {
+            Sync::Off
+        } else {
+            let others: Vec<String> = tick.members.iter().map(|m| m.name.clone()).collect();
+            quorum::target(
+                s.number as usize,
+                s.allow_degraded,
+                &[],
+                &Sync::Off,
+                &others,
+            )
+            .0
+        };
+        if !matches!(self.lease.renew_publishing(&sync).await, Ok(true)) {
+            tracing::warn!("cannot renew the Lease (and publish the synchronous set) before taking writes; retrying");
             return None;
         }
         Some(sync)
@@ -1118,7 +1139,7 @@ impl Elector {
 
     /// The position of the shutdown checkpoint (the last record a clean stop wrote).
     async fn last_checkpoint(&self) -> Result<crate::postgres::lsn::Lsn, String> {
-        let mut cmd = std::process::Command::new(self.binaries.tool("pg_controldata"));
+        let mut cmd = crate::postgres::command(self.binaries.tool("pg_controldata"));
         cmd.arg("-D").arg(&self.pg.data_dir).env("LC_ALL", "C");
         let out = self
             .reaper

@@ -16,6 +16,7 @@ use kube::api::PostParams;
 use kube::Api;
 
 use super::decide::{self, Timings};
+use super::fence::FenceTimer;
 
 /// Lease annotations with the synchronous set the holder relies on (see `quorum`).
 pub const SYNC_NUMBER: &str = "pgwarden.dev/sync-number";
@@ -39,6 +40,9 @@ pub struct LeaseClient {
     seen: Option<Seen>,
     /// When the last renewal (or acquisition) that succeeded was sent.
     renewed_at: Option<Instant>,
+    /// Armed with every renewal that succeeded: it stops writes at the renew deadline even
+    /// while this client waits for an API server that does not answer.
+    fence: FenceTimer,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +73,14 @@ impl LeaseClient {
             timeout,
             seen: None,
             renewed_at: None,
+            fence: FenceTimer::detached(),
         }
+    }
+
+    /// Arms `fence` with every renewal that succeeds from now on.
+    pub fn with_fence(mut self, fence: FenceTimer) -> LeaseClient {
+        self.fence = fence;
+        self
     }
 
     async fn bounded<T>(
@@ -132,6 +143,15 @@ impl LeaseClient {
                 unchanged_for: at.elapsed(),
             },
         }
+    }
+
+    /// The lease duration its holder wrote in the Lease, as last observed (zero if none).
+    pub fn written_duration(&self) -> Duration {
+        self.seen
+            .as_ref()
+            .and_then(|s| s.lease.spec.as_ref()?.lease_duration_seconds)
+            .and_then(|secs| u64::try_from(secs).ok())
+            .map_or(Duration::ZERO, Duration::from_secs)
     }
 
     /// The Lease's name.
@@ -255,6 +275,10 @@ impl LeaseClient {
             })
             .await;
         self.renewed_at = None;
+        if matches!(result, Ok(true)) {
+            // Postgres was stopped before the hand-over: nothing of ours takes writes.
+            self.fence.disarm();
+        }
         result
     }
 
@@ -303,7 +327,12 @@ impl LeaseClient {
             .await;
         self.renewed_at = None;
         let sent = Instant::now();
-        self.settle(result, sent)
+        let result = self.settle(result, sent);
+        if matches!(result, Ok(true)) {
+            // Every caller stops Postgres before it gives the Lease up.
+            self.fence.disarm();
+        }
+        result
     }
 
     /// Records a write's outcome: the new Lease becomes the observation; a conflict means
@@ -322,6 +351,7 @@ impl LeaseClient {
                     .filter(|h| !h.is_empty());
                 if holder.as_deref() == Some(self.me.as_str()) {
                     self.renewed_at = Some(sent);
+                    self.fence.confirmed(sent, self.timings.renew_deadline);
                 }
                 self.seen = Some(Seen {
                     resource_version: lease.metadata.resource_version.clone(),

@@ -5,6 +5,7 @@
 
 pub mod decide;
 pub mod elector;
+pub mod fence;
 pub mod lease;
 pub mod peers;
 pub mod quorum;
@@ -99,6 +100,7 @@ pub fn start(s: Start<'_>) -> tokio::sync::mpsc::Sender<elector::Command> {
         .connect_timeout(std::time::Duration::from_millis(500))
         .build()
         .unwrap_or_default();
+    let fence = fence::FenceTimer::spawn(s.postmaster.clone());
     elector::Elector {
         me: id.pod.clone(),
         lease: lease::LeaseClient::new(
@@ -107,7 +109,9 @@ pub fn start(s: Start<'_>) -> tokio::sync::mpsc::Sender<elector::Command> {
             &id.pod,
             timings,
             k.api_timeout,
-        ),
+        )
+        .with_fence(fence.clone()),
+        fence,
         postmaster: s.postmaster,
         status: s.status,
         observation: s.observation,

@@ -331,6 +331,9 @@ pub struct Cluster {
     extra: String,
     /// Holds the kubeconfig of the CLI (token "admin").
     admin: tempfile::TempDir,
+    /// pgwarden's and the spec's default timings (Lease 10 / 6 / 2 s, `api_timeout` 5 s,
+    /// monitor 2 s), as users run it, instead of the faster ones of functional tests.
+    defaults: bool,
 }
 
 impl Cluster {
@@ -342,10 +345,27 @@ impl Cluster {
 
     /// [`Cluster::start`] with extra TOML for every instance.
     pub fn start_with(n: usize, spec: impl FnOnce(&mut Value), extra: &str) -> Cluster {
+        Cluster::launch(n, spec, extra, false)
+    }
+
+    /// [`Cluster::start_ready`] at the default timings of the spec and of pgwarden's
+    /// configuration: what safety tests judge.
+    pub async fn start_ready_at_defaults(n: usize, spec: impl FnOnce(&mut Value)) -> Cluster {
+        let cluster = Cluster::launch(n, spec, "", true);
+        cluster.wait_all_streaming(Duration::from_secs(180)).await;
+        cluster
+    }
+
+    fn launch(n: usize, spec: impl FnOnce(&mut Value), extra: &str, defaults: bool) -> Cluster {
         let server = ApiServer::start();
         server.create(secret("pg-superuser", PASSWORD));
         server.create(secret("pg-replication", REPLICATION_PASSWORD));
         let mut object = cluster_object(n);
+        if defaults {
+            if let Some(spec) = object["spec"].as_object_mut() {
+                spec.remove("failover");
+            }
+        }
         spec(&mut object["spec"]);
         let mut nodes = Vec::new();
         for i in 0..n {
@@ -369,6 +389,7 @@ impl Cluster {
             nodes,
             extra: extra.to_string(),
             admin,
+            defaults,
         };
         for i in 0..n {
             cluster.spawn(i);
@@ -387,11 +408,18 @@ impl Cluster {
         let extra = self.extra.clone();
         let node = &mut self.nodes[i];
         let pod = node.name.clone();
-        node.sb.extra = format!(
+        let identity = format!(
             "[kubernetes]\ncluster = \"{CLUSTER}\"\nnamespace = \"{NS}\"\npod_name = \"{pod}\"\n\
-             pod_ip = \"127.0.0.1\"\nstatus_interval = \"1s\"\napi_timeout = \"2s\"\n\
-             [monitor]\ninterval = \"300ms\"\nquery_timeout = \"500ms\"\n{extra}"
+             pod_ip = \"127.0.0.1\"\n"
         );
+        node.sb.extra = if self.defaults {
+            format!("{identity}{extra}")
+        } else {
+            format!(
+                "{identity}status_interval = \"1s\"\napi_timeout = \"2s\"\n\
+                 [monitor]\ninterval = \"300ms\"\nquery_timeout = \"500ms\"\n{extra}"
+            )
+        };
         let kubeconfig = self.server.kubeconfig(node.sb.dir.path(), &pod);
         super::chown(&kubeconfig);
         let mut cmd = std::process::Command::new(super::binary());
