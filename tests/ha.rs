@@ -29,9 +29,22 @@ fn assert_no_configuration_errors(c: &Cluster) {
     }
 }
 
+/// libpq variables as images commonly set them, each of which broke a clone (or the standby's
+/// stream) while pgwarden's children inherited them (issue 11).
+const HOSTILE_LIBPQ_ENV: &[(&str, &str)] = &[
+    ("PGPASSWORD", "wrong"),
+    ("PGUSER", "nobody"),
+    ("PGHOST", "/nonexistent"),
+    ("PGSSLMODE", "require"),
+    ("PGSERVICE", "none"),
+    ("PGOPTIONS", "-cstatement_timeout=1"),
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bootstrap_one_primary_two_streaming_standbys_with_slots() {
-    let c = Cluster::start(3, no_change);
+    // pgwarden's own environment carries hostile libpq variables: initdb, the clones and the
+    // streaming standbys must not see them.
+    let c = Cluster::start_with_env(3, no_change, "", HOSTILE_LIBPQ_ENV);
     let p = c.wait_all_streaming(Duration::from_secs(180)).await;
     let primary = c.name(p).to_string();
     assert_eq!(c.lease_holder().as_deref(), Some(primary.as_str()));

@@ -8,7 +8,6 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::PostgresConfig;
@@ -129,7 +128,7 @@ pub async fn clone(
             staging.display()
         )
     })?;
-    let mut cmd = Command::new(bins.tool("pg_basebackup"));
+    let mut cmd = crate::postgres::command(bins.tool("pg_basebackup"));
     cmd.arg("--pgdata")
         .arg(&staging)
         .arg("--dbname")
@@ -174,7 +173,7 @@ pub async fn rewind(
     from: &Address,
     me: &str,
 ) -> Result<(), String> {
-    let mut cmd = Command::new(bins.tool("pg_rewind"));
+    let mut cmd = crate::postgres::command(bins.tool("pg_rewind"));
     cmd.arg("--target-pgdata").arg(&pg.data_dir).arg(format!(
         "--source-server={}",
         conninfo(from, me, &pg.run_dir, Some("postgres"))

@@ -5,7 +5,6 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use crate::config::PostgresConfig;
 use crate::postgres::binaries::Binaries;
@@ -205,7 +204,7 @@ pub async fn initdb(
     std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o700))
         .map_err(io(&staging))?;
 
-    let mut cmd = Command::new(bins.tool("initdb"));
+    let mut cmd = crate::postgres::command(bins.tool("initdb"));
     cmd.arg("--pgdata")
         .arg(&staging)
         .arg("--username")

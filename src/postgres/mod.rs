@@ -2,8 +2,11 @@
 //! files, connections and the server log.
 
 pub mod binaries;
+pub mod command;
 pub mod conf;
 pub mod connect;
 pub mod datadir;
 pub mod log;
 pub mod lsn;
+
+pub use command::command;

@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command as Process, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -605,7 +605,9 @@ impl Actor {
 
     fn spawn_postgres(&mut self) -> Result<(), String> {
         self.log.clear_recent();
-        let mut cmd = Process::new(self.spec.binaries.postgres());
+        // Without libpq's variables: the server passes its environment on to its own libpq
+        // connections (the WAL receiver's primary_conninfo) and to archive/restore commands.
+        let mut cmd = crate::postgres::command(self.spec.binaries.postgres());
         cmd.arg("-D")
             .arg(&self.spec.settings.data_dir)
             .stdin(Stdio::null())

@@ -334,6 +334,8 @@ pub struct Cluster {
     /// pgwarden's and the spec's default timings (Lease 10 / 6 / 2 s, `api_timeout` 5 s,
     /// monitor 2 s), as users run it, instead of the faster ones of functional tests.
     defaults: bool,
+    /// Environment variables every instance's pgwarden process gets on top of the harness's.
+    env: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -345,18 +347,34 @@ impl Cluster {
 
     /// [`Cluster::start`] with extra TOML for every instance.
     pub fn start_with(n: usize, spec: impl FnOnce(&mut Value), extra: &str) -> Cluster {
-        Cluster::launch(n, spec, extra, false)
+        Cluster::launch(n, spec, extra, false, &[])
+    }
+
+    /// [`Cluster::start_with`] with extra environment variables for every pgwarden process.
+    pub fn start_with_env(
+        n: usize,
+        spec: impl FnOnce(&mut Value),
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> Cluster {
+        Cluster::launch(n, spec, extra, false, env)
     }
 
     /// [`Cluster::start_ready`] at the default timings of the spec and of pgwarden's
     /// configuration: what safety tests judge.
     pub async fn start_ready_at_defaults(n: usize, spec: impl FnOnce(&mut Value)) -> Cluster {
-        let cluster = Cluster::launch(n, spec, "", true);
+        let cluster = Cluster::launch(n, spec, "", true, &[]);
         cluster.wait_all_streaming(Duration::from_secs(180)).await;
         cluster
     }
 
-    fn launch(n: usize, spec: impl FnOnce(&mut Value), extra: &str, defaults: bool) -> Cluster {
+    fn launch(
+        n: usize,
+        spec: impl FnOnce(&mut Value),
+        extra: &str,
+        defaults: bool,
+        env: &[(&str, &str)],
+    ) -> Cluster {
         let server = ApiServer::start();
         server.create(secret("pg-superuser", PASSWORD));
         server.create(secret("pg-replication", REPLICATION_PASSWORD));
@@ -390,6 +408,10 @@ impl Cluster {
             extra: extra.to_string(),
             admin,
             defaults,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         for i in 0..n {
             cluster.spawn(i);
@@ -428,7 +450,8 @@ impl Cluster {
             .arg(node.sb.config())
             .env("KUBECONFIG", &kubeconfig)
             .env_remove("POD_NAME")
-            .env_remove("POD_NAMESPACE");
+            .env_remove("POD_NAMESPACE")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         node.warden = Some(node.sb.spawn(cmd));
     }
 
