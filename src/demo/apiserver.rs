@@ -7,12 +7,14 @@
 //! concurrency, status subresources, label and field selectors, merge and JSON patches, and
 //! watches that resume from a resourceVersion and answer 410 Expired once the history is gone.
 //! It keeps everything in memory and checks no credentials: each client is told apart by its
-//! bearer token only. It also misbehaves on request, per client: see [`Fault`].
+//! bearer token only. It also misbehaves on request as real networks and servers do, per
+//! client and per kind of request: see [`Fault`] and [`ApiServer::set_fault_on`].
 //!
 //! Objects are schemaless JSON in one generic store; all per-kind knowledge is in [`KINDS`].
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::net::SocketAddr;
@@ -20,7 +22,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use std::{fmt, future};
 
 use axum::body::{Body, Bytes};
 use axum::extract::Query;
@@ -34,28 +35,52 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 /// Watch events kept for resuming watches, like the watch cache's window.
 const HISTORY_LIMIT: usize = 10_000;
-/// The longest a black-holed request is held before its connection is dropped.
+/// The longest a black-holed request or watch is held before its connection is dropped.
 const HOLD_LIMIT: Duration = Duration::from_secs(600);
 const BOOKMARK_INTERVAL: Duration = Duration::from_secs(1);
 /// A watch without `timeoutSeconds` still ends, as on a real server (min-request-timeout).
 const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(1800);
 const MAX_BODY: usize = 16 << 20;
+/// The verbs requests are counted and faults scoped by.
+const VERBS: &[&str] = &[
+    "get", "list", "watch", "create", "update", "patch", "delete",
+];
+/// What APF answers a request it sheds with (`Retry-After`, in seconds).
+const RETRY_AFTER: &str = "1";
 
-/// Misbehaviour injected for one client, identified by its bearer token.
+/// Misbehaviour injected for a client's requests, identified by its bearer token: all of them
+/// ([`ApiServer::set_fault`]) or one kind ([`ApiServer::set_fault_on`]).
+///
+/// A fault applies to the requests that arrive while it is set and, where a network would do
+/// the same, to the watches already open: see each kind.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub enum Fault {
     #[default]
     None,
-    /// Every request waits this long before being handled.
+    /// Every answer waits this long: a request before it is handled, a watch before its first
+    /// bytes and each later batch of events (open watches included).
     Latency(Duration),
-    /// Every request is answered with this HTTP code and a matching `Status`.
+    /// New requests are answered with this HTTP code as the real server answers it: 429 as API
+    /// Priority and Fairness sheds load (plain text, `Retry-After`), 500, 503 and 504 with the
+    /// `Status` of the real errors. Open watches go on delivering, as a real API server whose
+    /// etcd is down serves established watches from its watch cache.
     ServerError(u16),
-    /// The connection is closed without an answer.
+    /// The connection is closed without an answer; open watches are cut.
     Refuse,
-    /// Requests are neither applied nor answered, until the fault changes (or 10 minutes).
+    /// A partition: requests are neither applied nor answered, and open watches deliver nothing
+    /// more (packets are dropped: no connection is closed, no watch times out). Once the fault
+    /// is lifted or replaced (or after 10 minutes), the connections it held are dropped.
     Blackhole,
-    /// Requests are applied, then their answer is held like [`Fault::Blackhole`].
+    /// Requests are applied, then their answer is held like [`Fault::Blackhole`]; open
+    /// watches are held the same way.
     ResponseLost,
+}
+
+impl Fault {
+    /// Whether requests under it are held unanswered, to be released when it ends.
+    fn holds(&self) -> bool {
+        matches!(self, Fault::Blackhole | Fault::ResponseLost)
+    }
 }
 
 /// A resource type: all the server knows of it.
@@ -200,22 +225,75 @@ impl ApiServer {
         Ok(path)
     }
 
-    /// Sets the fault for one client, and cuts its open watches and held requests.
+    /// Sets one fault for all of a client's requests, replacing the client's rules (see
+    /// [`ApiServer::set_fault_on`]). `Fault::None` heals the client.
     pub fn set_fault(&self, token: &str, fault: Fault) {
-        let mut clients = lock(&self.shared.clients);
-        clients.faults.insert(token.to_string(), fault);
-        *clients.epochs.entry(token.to_string()).or_default() += 1;
-        drop(clients);
-        self.shared.cuts.send_replace(());
+        self.change_faults(|clients| {
+            let rules = clients.rules.entry(token.to_string()).or_default();
+            rules.clear();
+            rules.insert(Scope::default(), fault);
+        });
     }
 
-    /// While on, connections are dropped unanswered; turning it on cuts every open watch.
+    /// Sets the fault for one kind of a client's requests: a verb (`get`, `list`, `watch`,
+    /// `create`, `update`, `patch`, `delete`) and a resource as [`ApiServer::count`] names it
+    /// (`leases`, `postgresclusters/status`: a subresource is a resource of its own), `None`
+    /// matching any. Of a client's rules, the most specific matching a request applies: verb
+    /// and resource, then resource, then verb, then the client-wide one. `Fault::None` is a
+    /// rule too: it exempts its kind from a wider fault. Hanging only the Lease renewals:
+    /// `set_fault_on(token, Some("update"), Some("leases"), Fault::Blackhole)`.
+    ///
+    /// A change releases (drops the connection of) what a fault that no longer applies held,
+    /// and nothing else: the client's other requests and watches go on.
+    pub fn set_fault_on(
+        &self,
+        token: &str,
+        verb: Option<&str>,
+        resource: Option<&str>,
+        fault: Fault,
+    ) {
+        // A misspelt kind would match nothing, and the test meant to exercise it would pass.
+        if let Some(verb) = verb {
+            assert!(VERBS.contains(&verb), "no verb {verb:?} (one of {VERBS:?})");
+        }
+        if let Some(resource) = resource {
+            let (plural, sub) = match resource.split_once('/') {
+                Some((plural, sub)) => (plural, Some(sub)),
+                None => (resource, None),
+            };
+            let served = KINDS.iter().any(|k| {
+                k.plural == plural && (sub.is_none() || (sub == Some("status") && k.status))
+            });
+            assert!(served, "no resource {resource:?} is served");
+        }
+        let scope = Scope {
+            verb: verb.map(str::to_string),
+            resource: resource.map(str::to_string),
+        };
+        self.change_faults(|clients| {
+            let rules = clients.rules.entry(token.to_string()).or_default();
+            rules.insert(scope, fault);
+        });
+    }
+
+    /// Removes every rule of a client: its requests are served normally again.
+    pub fn clear_faults(&self, token: &str) {
+        self.change_faults(|clients| {
+            clients.rules.remove(token);
+        });
+    }
+
+    /// While on, the API server is cut off from every client as by a partition: connections
+    /// are accepted and requests held unanswered, open watches deliver nothing more (and stay
+    /// open), whatever the clients' own faults. Turning it off drops every connection it held.
     pub fn outage(&self, on: bool) {
+        self.change_faults(|clients| clients.outage = on);
+    }
+
+    fn change_faults(&self, f: impl FnOnce(&mut Clients)) {
         let mut clients = lock(&self.shared.clients);
-        clients.outage = on;
-        clients.global_epoch += u64::from(on);
-        drop(clients);
-        self.shared.cuts.send_replace(());
+        f(&mut clients);
+        clients.refresh();
     }
 
     /// Forgets the watch history: a watch started or resumed from any resourceVersion handed
@@ -224,7 +302,7 @@ impl ApiServer {
         self.store().compact();
     }
 
-    /// Requests received from a client, whatever became of them.
+    /// Requests received from a client, whatever became of them (held ones included).
     pub fn requests(&self, token: &str) -> u64 {
         lock(&self.shared.clients)
             .requests
@@ -234,7 +312,8 @@ impl ApiServer {
     }
 
     /// Requests received from a client for a verb (get, list, watch, create, update, patch,
-    /// delete) on a resource (`pods`, or `pods/status` for the subresource).
+    /// delete) on a resource (`pods`, or `pods/status` for the subresource), whatever became of
+    /// them (held ones included).
     pub fn count(&self, token: &str, verb: &str, resource: &str) -> u64 {
         let key = (token.to_string(), verb.to_string(), resource.to_string());
         lock(&self.shared.clients)
@@ -354,62 +433,166 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 // ---------------------------------------------------------------------------------------------
 // Shared state: the store and what is known of the clients.
 
+#[derive(Default)]
 struct Shared {
     store: Mutex<Store>,
     clients: Mutex<Clients>,
-    /// Rung when a fault or an outage must cut streams and held requests; who is concerned
-    /// is read from the epochs in `Clients`.
-    cuts: watch::Sender<()>,
 }
 
-impl Default for Shared {
-    fn default() -> Shared {
-        let cuts = watch::channel(()).0;
-        Shared {
-            store: Mutex::default(),
-            clients: Mutex::default(),
-            cuts,
-        }
-    }
+/// Which of a client's requests a rule covers; `None` matches any verb or resource.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+struct Scope {
+    verb: Option<String>,
+    resource: Option<String>,
 }
 
 #[derive(Default)]
 struct Clients {
-    faults: HashMap<String, Fault>,
-    /// Bumped to cut one client's streams; `global_epoch` cuts everyone's.
-    epochs: HashMap<String, u64>,
-    global_epoch: u64,
+    /// Each client's fault rules.
+    rules: HashMap<String, HashMap<Scope, Fault>>,
+    /// Black-holes everyone, over the clients' own rules.
     outage: bool,
+    /// Every request being handled, open watches and held requests included, so that a change
+    /// of faults reaches them.
+    inflight: HashMap<u64, Inflight>,
+    next_id: u64,
     requests: HashMap<String, u64>,
     counts: HashMap<(String, String, String), u64>,
 }
 
+/// A request being handled, and the fault that applied to it when last looked at.
+struct Inflight {
+    token: String,
+    verb: &'static str,
+    resource: String,
+    fault: Fault,
+    fate: watch::Sender<Fate>,
+}
+
+/// What a request in progress is to do, as told by [`Clients::refresh`].
+#[derive(Clone, Debug, PartialEq)]
+enum Fate {
+    /// Go on under this fault.
+    Fault(Fault),
+    /// Drop the connection; final.
+    Cut,
+}
+
 impl Clients {
-    fn epoch(&self, token: &str) -> u64 {
-        self.global_epoch + self.epochs.get(token).copied().unwrap_or(0)
+    /// The fault for one request (`verb` and `resource` are empty for a path the server does
+    /// not serve: only the client-wide rule covers it).
+    fn fault(&self, token: &str, verb: &str, resource: &str) -> Fault {
+        if self.outage {
+            return Fault::Blackhole;
+        }
+        let Some(rules) = self.rules.get(token) else {
+            return Fault::None;
+        };
+        let (verb, resource) = (Some(verb.to_string()), Some(resource.to_string()));
+        // From the most specific scope to the client-wide one.
+        let scopes = [
+            (verb.clone(), resource.clone()),
+            (None, resource),
+            (verb, None),
+            (None, None),
+        ];
+        scopes
+            .into_iter()
+            .find_map(|(verb, resource)| rules.get(&Scope { verb, resource }))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Registers a request with the fault that applies to it now.
+    fn enter(
+        &mut self,
+        token: &str,
+        verb: &'static str,
+        resource: String,
+    ) -> (u64, Fault, watch::Receiver<Fate>) {
+        let fault = self.fault(token, verb, &resource);
+        let (fate, rx) = watch::channel(Fate::Fault(fault.clone()));
+        let id = self.next_id;
+        self.next_id += 1;
+        let token = token.to_string();
+        let entry = Inflight {
+            token,
+            verb,
+            resource,
+            fault: fault.clone(),
+            fate,
+        };
+        self.inflight.insert(id, entry);
+        (id, fault, rx)
+    }
+
+    /// Tells every request in progress what the faults now mean for it. Decided here, under
+    /// the lock and at once, so that a fault set and lifted straight away still cuts what it
+    /// should: a request held by a fault that no longer applies is cut (its connection
+    /// dropped, as when a partition heals after the client gave up), and so is everything a
+    /// refusal now covers; the others go on under their new fault.
+    fn refresh(&mut self) {
+        let faults: Vec<(u64, Fault)> = self
+            .inflight
+            .iter()
+            .map(|(&id, r)| (id, self.fault(&r.token, r.verb, &r.resource)))
+            .collect();
+        for (id, fault) in faults {
+            let Some(request) = self.inflight.get_mut(&id) else {
+                continue;
+            };
+            if request.fault == fault {
+                continue;
+            }
+            if request.fault.holds() || fault == Fault::Refuse {
+                request.fate.send_replace(Fate::Cut);
+                self.inflight.remove(&id);
+            } else {
+                request.fault = fault.clone();
+                request.fate.send_replace(Fate::Fault(fault));
+            }
+        }
     }
 }
 
-/// Ends a held request or an open watch once its client's fault changes or an outage begins.
+/// A request's registration in [`Clients::inflight`]: how it learns of fault changes that
+/// concern it. The registration ends with the last clone.
 #[derive(Clone)]
 struct Cut {
+    /// Held for its `Drop`, which ends the registration.
+    _entry: Arc<Entry>,
+    rx: watch::Receiver<Fate>,
+}
+
+struct Entry {
     shared: Arc<Shared>,
-    token: String,
-    epoch: u64,
-    rx: watch::Receiver<()>,
+    id: u64,
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        lock(&self.shared.clients).inflight.remove(&self.id);
+    }
 }
 
 impl Cut {
-    async fn wait(&mut self) {
-        while lock(&self.shared.clients).epoch(&self.token) == self.epoch {
-            if self.rx.changed().await.is_err() {
-                future::pending::<()>().await;
+    fn fate(&self) -> Fate {
+        self.rx.borrow().clone()
+    }
+
+    /// Until the request's connection is to be dropped.
+    async fn wait(&self) {
+        let mut rx = self.rx.clone();
+        // A closed channel means the registration is gone: cut, or the server stopping.
+        while *rx.borrow_and_update() != Fate::Cut {
+            if rx.changed().await.is_err() {
+                return;
             }
         }
     }
 
     /// Holds a request unanswered, as a black-holed network would.
-    async fn hold(mut self) {
+    async fn hold(&self) {
         tokio::select! {
             _ = self.wait() => {}
             _ = tokio::time::sleep(HOLD_LIMIT) => {}
@@ -1047,16 +1230,42 @@ impl ApiError {
         error
     }
 
-    /// The answer to an injected [`Fault::ServerError`], with the real server's reason.
+    /// An injected [`Fault::ServerError`] other than 429, with the `Status` the real server
+    /// answers that code with when its etcd fails: apierrors' NewInternalError,
+    /// NewServiceUnavailable and NewTimeoutError (the timeout filter's), the generic error
+    /// otherwise.
     fn injected(code: u16) -> ApiError {
-        let reason = match code {
-            429 => "TooManyRequests",
-            500 => "InternalError",
-            503 => "ServiceUnavailable",
-            504 => "Timeout",
-            _ => "",
+        const ETCD: &str = "etcdserver: request timed out";
+        const TIMEOUT: &str = "request did not complete within requested timeout";
+        const PREVENTED: &str = "has prevented the request from succeeding";
+        let (reason, message, details) = match code {
+            500 => (
+                "InternalError",
+                format!("Internal error occurred: {ETCD}"),
+                Some(json!({ "causes": [{ "message": ETCD }] })),
+            ),
+            503 => (
+                "ServiceUnavailable",
+                "the server is currently unable to handle the request".to_string(),
+                None,
+            ),
+            // An empty `details`: NewTimeoutError sets it, with no retryAfterSeconds.
+            504 => (
+                "Timeout",
+                format!("Timeout: {TIMEOUT} - context deadline exceeded"),
+                Some(json!({})),
+            ),
+            // As client-go words what it does not recognise (NewGenericServerResponse).
+            _ if code >= 500 => (
+                "InternalError",
+                format!("an error on the server (\"injected fault: HTTP {code}\") {PREVENTED}"),
+                None,
+            ),
+            _ => ("", format!("injected fault: HTTP {code}"), None),
         };
-        ApiError::new(code, reason, format!("injected fault: HTTP {code}"))
+        let mut error = ApiError::new(code, reason, message);
+        error.details = details;
+        error
     }
 
     fn status(&self) -> Value {
@@ -1115,9 +1324,6 @@ async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
-        if lock(&shared.clients).outage {
-            continue; // dropping the stream closes it unanswered
-        }
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| handle(Arc::clone(&shared), req));
@@ -1143,32 +1349,34 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         .strip_prefix("Bearer ")
         .unwrap_or("")
         .to_string();
-    // Subscribed before the epoch is read, so that no cut slips in between.
-    let rx = shared.cuts.subscribe();
     let route = Route::parse(&req);
-    let (fault, epoch) = {
+    let (verb, resource) = match &route {
+        Ok(route) => (route.verb, route.resource()),
+        Err(_) => ("", String::new()),
+    };
+    // Counted and registered under one lock with reading the fault, so that the request is
+    // counted whatever the fault does to it, and no change of faults slips in between.
+    let (id, fault, rx) = {
         let mut clients = lock(&shared.clients);
         *clients.requests.entry(token.clone()).or_default() += 1;
-        if let Ok(route) = &route {
-            let key = (token.clone(), route.verb.to_string(), route.resource());
+        if !verb.is_empty() {
+            let key = (token.clone(), verb.to_string(), resource.clone());
             *clients.counts.entry(key).or_default() += 1;
         }
-        if clients.outage {
-            return Err(hang_up());
-        }
-        let fault = clients.faults.get(&token).cloned().unwrap_or_default();
-        (fault, clients.epoch(&token))
+        clients.enter(&token, verb, resource)
     };
-    let cut = Cut {
+    let entry = Arc::new(Entry {
         shared: Arc::clone(&shared),
-        token,
-        epoch,
-        rx,
-    };
+        id,
+    });
+    let cut = Cut { _entry: entry, rx };
     match fault {
         Fault::None => {}
-        Fault::Latency(delay) => tokio::time::sleep(delay).await,
-        Fault::ServerError(code) => return Ok(ApiError::injected(code).into_response()),
+        Fault::Latency(delay) => tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = cut.wait() => return Err(hang_up()),
+        },
+        Fault::ServerError(code) => return Ok(injected(code)),
         Fault::Refuse => return Err(hang_up()),
         Fault::Blackhole => {
             cut.hold().await;
@@ -1182,6 +1390,28 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     }
     let response = serve(&shared, route, req, cut).await;
     Ok(response.unwrap_or_else(ApiError::into_response))
+}
+
+/// The answer to an injected [`Fault::ServerError`], as the real server gives it.
+fn injected(code: u16) -> Response<Body> {
+    if code != 429 {
+        return ApiError::injected(code).into_response();
+    }
+    // API Priority and Fairness sheds a request with http.Error: plain text, not a Status.
+    let mut response = Response::new(Body::from("Too many requests, please try again later.\n"));
+    *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    let headers = response.headers_mut();
+    let text = HeaderValue::from_static("text/plain; charset=utf-8");
+    headers.insert(CONTENT_TYPE, text);
+    headers.insert(
+        hyper::header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        hyper::header::RETRY_AFTER,
+        HeaderValue::from_static(RETRY_AFTER),
+    );
+    response
 }
 
 fn header(req: &Request<Incoming>, name: hyper::header::HeaderName) -> &str {
@@ -1419,6 +1649,7 @@ fn watch(shared: &Arc<Shared>, route: &Route, cut: Cut) -> Result<Response<Body>
 
 impl WatchStream {
     async fn run(mut self, initial: Vec<Value>) {
+        // The first bytes waited out the request's fault already.
         for event in &initial {
             if !self.send(event).await {
                 return;
@@ -1432,28 +1663,77 @@ impl WatchStream {
             tokio::select! {
                 changed = self.changed.changed() => if changed.is_err() { return },
                 _ = bookmarks.tick(), if self.bookmarks => {
-                    if !self.send(&self.bookmark()).await {
+                    if !self.through().await || !self.send(&self.bookmark()).await {
                         return;
                     }
                 }
-                // A timed-out watch ends cleanly; the client is expected to resume it.
-                _ = &mut deadline => return,
-                _ = self.cut.wait() => {
-                    // An error in the body makes hyper abort the connection, as a cut would.
-                    let _ = self.tx.send(Err(hang_up())).await;
+                // A timed-out watch ends cleanly (unless a black hole swallows the end too);
+                // the client is expected to resume it.
+                _ = &mut deadline => {
+                    self.through().await;
                     return;
+                }
+                // A new fault: a cut ends the watch here, the others act on the next send.
+                _ = self.cut.rx.changed() => {
+                    if self.cut.fate() == Fate::Cut {
+                        self.hang_up().await;
+                        return;
+                    }
                 }
                 _ = self.tx.closed() => return,
             }
         }
     }
 
-    /// Sends the events after `last`; false when the watch is over: the client went away, or
-    /// its resourceVersion expired, which is told with an ERROR event as the real server does.
+    /// Waits until the fault lets events through: at once, after the latency, or — held by a
+    /// black hole — once the fault is replaced by one that does. False when the watch is over:
+    /// the client went away, or the connection was dropped (which this does).
+    async fn through(&mut self) -> bool {
+        let limit = tokio::time::sleep(HOLD_LIMIT);
+        tokio::pin!(limit);
+        let mut delayed = false;
+        loop {
+            match self.cut.fate() {
+                Fate::Cut => break,
+                Fate::Fault(fault) if fault.holds() => tokio::select! {
+                    _ = self.cut.rx.changed() => {}
+                    _ = self.tx.closed() => return false,
+                    _ = &mut limit => break,
+                },
+                Fate::Fault(Fault::Latency(delay)) if !delayed => {
+                    // Looked at again after the wait: the fault may have changed meanwhile.
+                    delayed = true;
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.tx.closed() => return false,
+                    }
+                }
+                Fate::Fault(_) => return true,
+            }
+        }
+        self.hang_up().await;
+        false
+    }
+
+    /// Drops the connection: an error in the body makes hyper abort it.
+    async fn hang_up(&self) {
+        let _ = self.tx.send(Err(hang_up())).await;
+    }
+
+    /// Sends the events after `last`; false when the watch is over: the client went away, the
+    /// connection was dropped, or its resourceVersion expired, which is told with an ERROR
+    /// event as the real server does.
     async fn catch_up(&mut self) -> bool {
         let caught_up = lock(&self.shared.store).events_since(self.last, self.open, &self.filter);
         match caught_up {
             Ok((events, upto)) => {
+                if events.is_empty() {
+                    (self.last, self.open) = (upto, true);
+                    return true;
+                }
+                if !self.through().await {
+                    return false;
+                }
                 for event in &events {
                     if !self.send(event).await {
                         return false;
@@ -1463,8 +1743,10 @@ impl WatchStream {
                 true
             }
             Err(expired) => {
-                self.send(&json!({ "type": "ERROR", "object": expired.status() }))
-                    .await;
+                if self.through().await {
+                    self.send(&json!({ "type": "ERROR", "object": expired.status() }))
+                        .await;
+                }
                 false
             }
         }
