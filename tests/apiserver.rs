@@ -305,7 +305,8 @@ async fn status_subresource_and_generation() {
         let api = clusters(env.client("a").await);
         let mut obj: DynamicObject = from_json(json!({
             "apiVersion": "pgwarden.dev/v1", "kind": "PostgresCluster",
-            "metadata": { "name": "pg" }, "spec": { "instances": 1 }, "status": { "phase": "Made up" },
+            "metadata": { "name": "pg" }, "status": { "phase": "Made up" },
+            "spec": { "instances": 1, "secrets": { "superuser": { "name": "s" }, "replication": { "name": "r" } } },
         }));
         let created = api.create(&PostParams::default(), &obj).await.unwrap();
         assert_eq!(created.metadata.generation, Some(1));

@@ -284,7 +284,9 @@ async fn status_entries_and_pod_labels_follow_state_and_two_instances_keep_both_
     }
     // A spec the API server let through but pgwarden refuses is reported; the running roles
     // and their labels stay (a typo must not take the Services' endpoints away).
-    set_spec(&server, |s| s["instances"] = json!(17));
+    set_spec(&server, |s| {
+        s["synchronous"] = json!({"mode": "quorum", "number": 2})
+    });
     for p in ["pg-0", "pg-1"] {
         let c = eventually("SpecValid false", LONG, async || {
             let c = condition(&server, p, "SpecValid");
@@ -292,7 +294,10 @@ async fn status_entries_and_pod_labels_follow_state_and_two_instances_keep_both_
         })
         .await;
         assert!(
-            c["message"].as_str().unwrap().contains("spec.instances"),
+            c["message"]
+                .as_str()
+                .unwrap()
+                .contains("spec.synchronous.number"),
             "{c}"
         );
     }
@@ -464,18 +469,19 @@ async fn bad_spec_input_is_rejected_and_nothing_running_is_disturbed() {
     wait_show(port, "work_mem", "8MB").await;
     let pid = sb.postmaster_pid().unwrap();
 
+    // Specs the schema admits (the API server refuses the others) and pgwarden does not.
     let cases: Vec<(SpecEdit, &str)> = vec![
         (
-            Box::new(|s| s["postgresql"]["bogus"] = json!(1)),
-            "spec.postgresql.bogus: unknown field `bogus`",
+            Box::new(|s| s["postgresql"]["pgHba"] = json!(["nonsense"])),
+            "spec.postgresql.pgHba[0]: \"nonsense\" must start with a connection type",
         ),
         (
             Box::new(|s| s["postgresql"]["parameters"] = json!({"port": 5999, "work_mem": "1MB"})),
             "spec.postgresql.parameters.port: may not be set by the user",
         ),
         (
-            Box::new(|s| s["instances"] = json!("three")),
-            "spec.instances: invalid type",
+            Box::new(|s| s["synchronous"] = json!({"mode": "quorum", "number": 1})),
+            "spec.synchronous.number: 1 must be between 1 and instances - 1 (0)",
         ),
     ];
     for (change, expected) in cases {

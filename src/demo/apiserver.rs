@@ -10,7 +10,8 @@
 //! bearer token only. It also misbehaves on request as real networks and servers do, per
 //! client and per kind of request: see [`Fault`] and [`ApiServer::set_fault_on`].
 //!
-//! Objects are schemaless JSON in one generic store; all per-kind knowledge is in [`KINDS`].
+//! Objects are JSON in one generic store; all per-kind knowledge is in [`KINDS`], except that
+//! custom resources follow the schema of their CustomResourceDefinition (see `crds`).
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -83,14 +84,21 @@ impl Fault {
     }
 }
 
+mod crds;
+mod schema;
+
 /// A resource type: all the server knows of it.
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Kind {
     api_version: &'static str,
     plural: &'static str,
     kind: &'static str,
-    /// With a status subresource, `.status` is written only through `/status`.
+    /// With a status subresource, `.status` is written only through `/status` (for a custom
+    /// kind, the CRD decides: see [`Store::has_status`]).
     status: bool,
+    namespaced: bool,
+    /// Served only while a CustomResourceDefinition serves it (see `crds`).
+    custom: bool,
 }
 
 const fn kind(api_version: &'static str, plural: &'static str, kind: &'static str) -> Kind {
@@ -99,6 +107,8 @@ const fn kind(api_version: &'static str, plural: &'static str, kind: &'static st
         plural,
         kind,
         status: false,
+        namespaced: true,
+        custom: false,
     }
 }
 
@@ -109,12 +119,27 @@ const fn with_status(kind: Kind) -> Kind {
     }
 }
 
+const fn cluster_scoped(kind: Kind) -> Kind {
+    Kind {
+        namespaced: false,
+        ..kind
+    }
+}
+
+const fn custom(kind: Kind) -> Kind {
+    Kind {
+        custom: true,
+        ..kind
+    }
+}
+
 static KINDS: &[Kind] = &[
-    with_status(kind(
+    crds::CRD,
+    custom(with_status(kind(
         "pgwarden.dev/v1",
         "postgresclusters",
         "PostgresCluster",
-    )),
+    ))),
     with_status(kind("v1", "pods", "Pod")),
     kind("coordination.k8s.io/v1", "leases", "Lease"),
     kind("v1", "events", "Event"),
@@ -354,8 +379,11 @@ impl ApiServer {
     }
 
     pub fn list(&self, api_version: &str, plural: &str, ns: &str) -> Result<Vec<Value>, ApiError> {
-        let filter = Filter::everything(known(api_version, plural)?, Some(ns.to_string()));
-        Ok(self.store().list(&filter))
+        let kind = known(api_version, plural)?;
+        let ns = Some(ns.to_string()).filter(|_| kind.namespaced);
+        let store = self.store();
+        store.served(kind, Sub::Main)?;
+        Ok(store.list(&Filter::everything(kind, ns)))
     }
 
     /// Changes an object through the same path as a PUT: `.status` changes are ignored for
@@ -612,7 +640,9 @@ struct Key {
 }
 
 impl Key {
+    /// A cluster-scoped object is in no namespace, whatever `ns` says.
     fn new(kind: &'static Kind, ns: &str, name: &str) -> Key {
+        let ns = if kind.namespaced { ns } else { "" };
         Key {
             kind,
             ns: ns.to_string(),
@@ -660,6 +690,7 @@ struct Store {
 
 impl Store {
     fn get(&self, key: &Key) -> Result<Value, ApiError> {
+        self.served(key.kind, Sub::Main)?;
         let found = self.objects.get(key).cloned();
         found.ok_or_else(|| ApiError::not_found(key))
     }
@@ -675,8 +706,13 @@ impl Store {
 
     /// Creates an object, keeping any `.status` (the HTTP path drops it first).
     fn create(&mut self, kind: &'static Kind, ns: &str, mut obj: Value) -> Result<Value, ApiError> {
+        self.served(kind, Sub::Main)?;
         check_type(kind, &mut obj)?;
+        if !kind.namespaced {
+            set_or_remove(&mut obj["metadata"], "namespace", None);
+        }
         check_namespace(&obj, ns)?;
+        self.prepare(kind, &mut obj)?;
         if !meta_str(&obj, "resourceVersion").is_empty() {
             // What the real server answers, from its storage layer.
             let message = "resourceVersion should not be set on objects to be created";
@@ -687,6 +723,7 @@ impl Store {
             let message = "metadata.name: Required value: name is required";
             return Err(ApiError::new(422, "Invalid", message));
         }
+        self.admit(&key, None, &mut obj)?;
         if self.objects.contains_key(&key) {
             return Err(ApiError::about(
                 &key,
@@ -696,7 +733,9 @@ impl Store {
             ));
         }
         let meta = &mut obj["metadata"];
-        meta["namespace"] = json!(ns);
+        if kind.namespaced {
+            meta["namespace"] = json!(ns);
+        }
         meta["uid"] = json!(uuid());
         meta["creationTimestamp"] = json!(Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true));
         meta["generation"] = json!(1);
@@ -711,12 +750,16 @@ impl Store {
         sub: Sub,
         change: impl FnOnce(&Value) -> Result<Value, ApiError>,
     ) -> Result<Value, ApiError> {
+        self.served(key.kind, sub)?;
         let current = self
             .objects
             .get(&key)
             .ok_or_else(|| ApiError::not_found(&key))?;
         let mut wanted = change(current)?;
         check_type(key.kind, &mut wanted)?;
+        if !key.kind.namespaced {
+            set_or_remove(&mut wanted["metadata"], "namespace", None);
+        }
         check_namespace(&wanted, &key.ns)?;
         let wanted_name = meta_str(&wanted, "name");
         if wanted_name != key.name {
@@ -733,7 +776,11 @@ impl Store {
                        version and try again";
             return Err(ApiError::conflict(&key, why));
         }
-        let next = next_version(key.kind, sub, current, wanted);
+        // Decoding (pruning, defaults) comes first, so that the generation is judged on what
+        // would be stored; validation last, on exactly that.
+        self.prepare(key.kind, &mut wanted)?;
+        let mut next = next_version(self.has_status(key.kind), sub, current, wanted);
+        self.admit(&key, Some(current), &mut next)?;
         if next == *current {
             // As with etcd3's GuaranteedUpdate: a write that changes nothing is no new version.
             return Ok(next);
@@ -743,6 +790,7 @@ impl Store {
 
     /// `options` is the request's DeleteOptions, whose preconditions are honoured.
     fn delete(&mut self, key: Key, options: &Value) -> Result<Value, ApiError> {
+        self.served(key.kind, Sub::Main)?;
         let current = self
             .objects
             .get(&key)
@@ -757,6 +805,7 @@ impl Store {
             }
         }
         let last = current.clone();
+        self.cascade(&key);
         Ok(self.commit(key, last, Change::Deleted))
     }
 
@@ -822,10 +871,11 @@ type Caught = (Vec<Value>, u64);
 
 /// What a write stores: the wanted object less what may not change through this endpoint,
 /// with the server-owned metadata, and the generation bumped on a change of the desired state.
-fn next_version(kind: &Kind, sub: Sub, current: &Value, wanted: Value) -> Value {
+/// `has_status`: the kind has a status subresource now.
+fn next_version(has_status: bool, sub: Sub, current: &Value, wanted: Value) -> Value {
     let (mut next, status) = match sub {
         Sub::Status => (current.clone(), wanted.get("status").cloned()),
-        Sub::Main if kind.status => (wanted, current.get("status").cloned()),
+        Sub::Main if has_status => (wanted, current.get("status").cloned()),
         Sub::Main => {
             let status = wanted.get("status").cloned();
             (wanted, status)
@@ -836,7 +886,7 @@ fn next_version(kind: &Kind, sub: Sub, current: &Value, wanted: Value) -> Value 
         let value = current["metadata"].get(field).cloned();
         set_or_remove(&mut next["metadata"], field, value);
     }
-    if desired_state(kind, current) != desired_state(kind, &next) {
+    if desired_state(has_status, current) != desired_state(has_status, &next) {
         let generation = current["metadata"]["generation"].as_i64().unwrap_or(0);
         next["metadata"]["generation"] = json!(generation + 1);
     }
@@ -845,9 +895,9 @@ fn next_version(kind: &Kind, sub: Sub, current: &Value, wanted: Value) -> Value 
 
 /// The part of an object whose changes bump `metadata.generation`: all but metadata, and but
 /// status where status has its own subresource.
-fn desired_state(kind: &Kind, obj: &Value) -> Map<String, Value> {
+fn desired_state(has_status: bool, obj: &Value) -> Map<String, Value> {
     let fields = obj.as_object().into_iter().flatten();
-    let desired = fields.filter(|(k, _)| *k != "metadata" && !(kind.status && *k == "status"));
+    let desired = fields.filter(|(k, _)| *k != "metadata" && !(has_status && *k == "status"));
     desired.map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
@@ -1430,8 +1480,8 @@ fn flag(query: &Params, name: &str) -> bool {
 type Params = HashMap<String, String>;
 
 /// A request's target, read from the path shape `/api/v1[/namespaces/{ns}]/{plural}[/{name}
-/// [/status]]` or the same under `/apis/{group}/{version}`. Without a namespace, only
-/// collections (list, watch) are served.
+/// [/status]]` or the same under `/apis/{group}/{version}`. Without a namespace, a namespaced
+/// kind serves only its collections (list, watch); a cluster-scoped kind is never in one.
 struct Route {
     kind: &'static Kind,
     namespace: Option<String>,
@@ -1456,16 +1506,24 @@ impl Route {
                 (Some(ns), plural, Some(name), Sub::Status)
             }
             [plural] => (None, plural, None, Sub::Main),
+            [plural, name] => (None, plural, Some(name), Sub::Main),
+            [plural, name, "status"] => (None, plural, Some(name), Sub::Status),
             _ => return Err(ApiError::not_found_path()),
         };
         let kind = find_kind(&api_version, plural).ok_or_else(ApiError::not_found_path)?;
-        if sub == Sub::Status && !kind.status {
+        // Objects of a namespaced kind are named within a namespace, cluster-scoped ones in none.
+        let misplaced = match kind.namespaced {
+            true => namespace.is_none() && name.is_some(),
+            false => namespace.is_some(),
+        };
+        if misplaced || (sub == Sub::Status && !kind.status) {
             return Err(ApiError::not_found_path());
         }
+        let scoped = namespace.is_some() || !kind.namespaced;
         let query = Query::<Params>::try_from_uri(req.uri());
         let query = query.map_err(|e| ApiError::bad_request(e.body_text()))?.0;
         let watch = flag(&query, "watch");
-        let verb = match (req.method(), name.is_some(), namespace.is_some(), sub) {
+        let verb = match (req.method(), name.is_some(), scoped, sub) {
             (&Method::GET, false, ..) if watch => "watch",
             (&Method::GET, false, ..) => "list",
             (&Method::GET, true, ..) => "get",
@@ -1523,6 +1581,7 @@ async fn serve(
     cut: Cut,
 ) -> Result<Response<Body>, ApiError> {
     let route = route?;
+    lock(&shared.store).served(route.kind, route.sub)?;
     if route.query.contains_key("dryRun") {
         return Err(ApiError::bad_request(
             "dryRun is not implemented by this API server",
@@ -1546,7 +1605,7 @@ async fn serve(
         "watch" => return watch(shared, &route, cut),
         "create" => {
             let mut obj = json()?;
-            if route.kind.status {
+            if store().has_status(route.kind) {
                 set_or_remove(&mut obj, "status", None); // as the real server does
             }
             (201, store().create(route.kind, &key.ns, obj)?)

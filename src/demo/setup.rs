@@ -328,7 +328,8 @@ fn pod(name: &str) -> Value {
     })
 }
 
-/// Creates what a `kubectl apply -k config/` would: the password Secrets, the Pods (which a
+/// Creates what a `kubectl apply -k config/` would: the CustomResourceDefinition (first: the
+/// API server serves no PostgresCluster without it), the password Secrets, the Pods (which a
 /// StatefulSet would create) and the PostgresCluster.
 pub fn seed(
     server: &ApiServer,
@@ -336,6 +337,7 @@ pub fn seed(
     superuser_password: &str,
     replication_password: &str,
 ) -> anyhow::Result<()> {
+    server.create(serde_json::to_value(crate::k8s::crd::crd())?)?;
     server.create(secret(SUPERUSER_SECRET, superuser_password)?)?;
     server.create(secret(REPLICATION_SECRET, replication_password)?)?;
     for name in names {

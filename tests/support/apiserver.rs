@@ -1,7 +1,8 @@
 //! The project's embedded Kubernetes API server ([`pgwarden::demo::apiserver`]), with the
-//! conveniences tests want: starting it, writing a kubeconfig and seeding or changing
-//! fixtures panic on failure (a failure there is a bug in the test or its machine), and a
-//! resource type the server lacks is a bug in the test.
+//! conveniences tests want: it starts with the PostgresCluster CRD of `config/crd.yaml`
+//! installed (as in a cluster pgwarden runs in), starting it, writing a kubeconfig and seeding
+//! or changing fixtures panic on failure (a failure there is a bug in the test or its machine),
+//! and a resource type the server lacks is a bug in the test.
 
 use std::path::{Path, PathBuf};
 
@@ -28,8 +29,21 @@ fn known(api_version: &str, plural: &str) {
     );
 }
 
+/// The PostgresCluster CustomResourceDefinition, as `config/crd.yaml` has it.
+pub fn crd() -> Value {
+    serde_yaml::from_str(include_str!("../../config/crd.yaml")).expect("config/crd.yaml is YAML")
+}
+
 impl ApiServer {
+    /// The server with the PostgresCluster CRD installed.
     pub fn start() -> ApiServer {
+        let server = ApiServer::bare();
+        server.create(crd());
+        server
+    }
+
+    /// The server without any CRD: PostgresClusters are not served.
+    pub fn bare() -> ApiServer {
         ApiServer(Server::start().expect("start the API server"))
     }
 
