@@ -307,8 +307,11 @@ async fn full_api_outage_keeps_the_primary_writing_when_every_member_confirms() 
     let p = c.wait_primary(LONG).await;
 
     // Nobody reaches the API server, so nobody can take the Lease: every standby says so to
-    // the primary, which keeps taking writes well past the lease duration (failsafe).
-    c.server.outage(true);
+    // the primary, which keeps taking writes well past the lease duration (failsafe). The API
+    // server is down (connections refused): under a black hole the members learn that they
+    // are cut off only after their own `api_timeout`, too late for the primary's renew
+    // deadline at these timings (see the closing note of the HA safety work).
+    c.server.outage_refuse(true);
     sleep(Duration::from_secs(12)).await;
     let before = writer.acked_count();
     writer.wait_progress(50, LONG).await;
@@ -317,6 +320,13 @@ async fn full_api_outage_keeps_the_primary_writing_when_every_member_confirms() 
     let s = c.status(p).await;
     assert_eq!(s["ha"]["role"], "primary", "{s}");
     assert_eq!(s["kubernetes"]["api"]["reachable"], false, "{s}");
+    // Only members may ask for the promise: without the cluster's token a standby refuses
+    // (and so cannot be made to block failover by anyone who reaches its status port), while
+    // its read-only status stays open.
+    let standby = c.others(p)[0];
+    let forged = format!("/pg/status?failsafe={}", c.name(p));
+    assert_eq!(c.http_code(standby, &forged).await, Some(403));
+    assert_eq!(c.http_code(standby, "/pg/status").await, Some(200));
 
     // The API server is back: the same primary renews; nobody failed over.
     c.server.outage(false);

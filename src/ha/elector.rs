@@ -80,6 +80,8 @@ pub struct Elector {
     pub failsafe_at: Option<Instant>,
     /// Stops writes at the renew deadline, whatever this loop is waiting for.
     pub fence: super::fence::FenceTimer,
+    /// The last Lease read got no answer.
+    pub api_down: bool,
 }
 
 /// What the elector remembers between ticks.
@@ -117,6 +119,8 @@ struct Tick {
     members: Vec<Member>,
     peers: Vec<Peer>,
     observed: Observed,
+    /// This tick's failsafe round confirmed the leadership (the API server is silent).
+    in_failsafe: bool,
 }
 
 impl Elector {
@@ -200,33 +204,53 @@ impl Elector {
         // synchronous mode and which timings.
         let (cluster, spec) = self.spec()?;
         self.lease.set_timings(timings(&spec));
-        let (lease, result) = self.lease.observe().await;
-        if let Err(e) = &result {
-            tracing::debug!(error = %e, "cannot read the Lease");
-        }
         let status = self.status.borrow().clone();
         let obs = self.observation.borrow().clone();
         let fenced = fenced(cluster.metadata.annotations.as_ref(), &self.me);
         let members = peers::members(&cluster.data, &self.me);
         // A primary asks its peers for the failsafe promise along with their status.
         let leading = self.lease.held_by_me();
+        let token = self
+            .shared
+            .replication_password
+            .borrow()
+            .as_deref()
+            .map(|pw| super::failsafe::token(pw, &self.shared.identity.cluster, &self.me));
+        let failsafe = token
+            .as_deref()
+            .filter(|_| leading)
+            .map(|t| (self.me.as_str(), t));
+        // The Lease read and the peer round at once: a silent API server costs one timeout,
+        // not a timeout plus the round. While it has been silent, the read is a probe bounded
+        // by the retry period (an API server that is back answers at once), so that failsafe
+        // rounds come well within the renew deadline.
+        let read_within = if self.api_down {
+            self.api_timeout.min(timings(&spec).retry)
+        } else {
+            self.api_timeout
+        };
         let sent = Instant::now();
-        let docs = peers::fetch(
-            &self.http,
-            &members,
-            PEER_TIMEOUT,
-            leading.then_some(self.me.as_str()),
-        )
-        .await;
+        let ((lease, result), docs) = tokio::join!(
+            self.lease.observe_within(read_within),
+            peers::fetch(&self.http, &members, PEER_TIMEOUT, failsafe),
+        );
+        if let Err(e) = &result {
+            tracing::debug!(error = %e, "cannot read the Lease");
+        }
+        self.api_down = result.as_ref().is_err_and(unanswered);
+        let mut in_failsafe = false;
         // Failsafe: cut off from the API server, a primary keeps its writes while every
         // member answers that it is cut off too (so none can take the Lease) and has promised
         // not to compete for a lease duration. It counts as a renewal sent at `sent`.
-        // With no member listed nobody has confirmed anything.
+        // With no member listed nobody has confirmed anything, unless there is nobody to
+        // confirm: a one-instance cluster has no one who could take over.
         if leading
             && result.as_ref().is_err_and(unanswered)
-            && !members.is_empty()
+            && (!members.is_empty() || spec.instances == 1)
             && docs.len() == members.len()
-            && docs.values().all(peers::api_unreachable)
+            && docs
+                .values()
+                .all(|d| peers::api_unreachable(d) && peers::promised_to(d, &self.me))
         {
             // Once per episode (rounds come every retry period while it lasts).
             if self
@@ -239,6 +263,7 @@ impl Elector {
             // find the last one too old.
             self.failsafe_at = Some(sent);
             self.fence.confirmed(sent, timings(&spec).renew_deadline);
+            in_failsafe = true;
         }
         let lease = self.promised(lease);
         let mut list: Vec<Peer> = docs
@@ -285,6 +310,7 @@ impl Elector {
             members,
             peers: list,
             observed,
+            in_failsafe,
         })
     }
 
@@ -426,6 +452,8 @@ impl Elector {
                 self.postmaster.halt(StopMode::Fast, true).await;
             }
             Action::Wait(_) | Action::RestartLocally => {}
+            // A renewal would only wait for the silent API server, and delay the next round.
+            Action::Renew if tick.in_failsafe => {}
             Action::Renew => self.lead(tick, memory).await,
             Action::Fence(reason) => {
                 tracing::error!(%reason, "stopping writes: fencing myself");
@@ -953,6 +981,7 @@ impl Elector {
                     cluster: tick.cluster.clone(),
                     members: tick.members.clone(),
                     peers: tick.peers.clone(),
+                    in_failsafe: tick.in_failsafe,
                 };
                 self.promote(&tick, memory, "restart").await;
             }

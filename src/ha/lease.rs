@@ -97,7 +97,18 @@ impl LeaseClient {
     /// keeps ageing from the last observed change, so an unreachable API server makes the
     /// Lease look expired to followers (who then cannot take it) and never younger.
     pub async fn observe(&mut self) -> (decide::Lease, Result<(), LeaseError>) {
-        let result = self.bounded(self.api.get_opt(&self.name)).await;
+        self.observe_within(self.timeout).await
+    }
+
+    /// [`LeaseClient::observe`], the read bounded by `timeout`.
+    pub async fn observe_within(
+        &mut self,
+        timeout: Duration,
+    ) -> (decide::Lease, Result<(), LeaseError>) {
+        let read = tokio::time::timeout(timeout, self.api.get_opt(&self.name)).await;
+        let result = read
+            .map_err(|_| LeaseError::Timeout)
+            .and_then(|r| r.map_err(LeaseError::Api));
         let outcome = match result {
             Ok(Some(lease)) => {
                 let rv = lease.metadata.resource_version.clone();

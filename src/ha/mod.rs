@@ -5,6 +5,7 @@
 
 pub mod decide;
 pub mod elector;
+pub mod failsafe;
 pub mod fence;
 pub mod lease;
 pub mod peers;
@@ -128,6 +129,7 @@ pub fn start(s: Start<'_>) -> tokio::sync::mpsc::Sender<elector::Command> {
         max_crashes: s.config.supervision.max_crashes,
         api_timeout: k.api_timeout,
         failsafe_at: None,
+        api_down: false,
     }
     .spawn()
 }

@@ -45,6 +45,13 @@ pub fn members(cluster: &Value, me: &str) -> Vec<Member> {
         .collect()
 }
 
+/// Whether a peer promised `primary` not to compete (the answer to its failsafe request).
+pub fn promised_to(doc: &Value, primary: &str) -> bool {
+    doc.pointer("/kubernetes/failsafe_promised_to")
+        .and_then(Value::as_str)
+        == Some(primary)
+}
+
 /// Whether a peer says it cannot reach the API server either.
 pub fn api_unreachable(doc: &Value) -> bool {
     doc.pointer("/kubernetes/api/reachable") == Some(&Value::Bool(false))
@@ -79,20 +86,26 @@ pub fn from_status(name: &str, doc: &Value) -> Peer {
 
 /// Fetches every member's `/pg/status` at once; members that do not answer in `timeout` are
 /// left out (a candidate decides from those it heard). `failsafe` names the primary asking
-/// for the failsafe promise (see `elector`).
+/// for the failsafe promise and carries its token (see `elector` and `failsafe`).
 pub async fn fetch(
     http: &reqwest::Client,
     members: &[Member],
     timeout: Duration,
-    failsafe: Option<&str>,
+    failsafe: Option<(&str, &str)>,
 ) -> BTreeMap<String, Value> {
-    let query = failsafe.map_or_else(String::new, |p| format!("?failsafe={p}"));
+    let query = failsafe.map_or_else(String::new, |(p, _)| format!("?failsafe={p}"));
+    let token = failsafe.map(|(_, t)| t.to_string());
     let calls = members.iter().filter_map(|m| {
         let url = format!("http://{}/pg/status{query}", m.status.as_ref()?);
         let name = m.name.clone();
+        let token = token.clone();
         Some(async move {
             let doc = async {
-                let response = http.get(&url).timeout(timeout).send().await.ok()?;
+                let mut request = http.get(&url).timeout(timeout);
+                if let Some(token) = token {
+                    request = request.header(super::failsafe::HEADER, token);
+                }
+                let response = request.send().await.ok()?;
                 let body = response.bytes().await.ok()?;
                 serde_json::from_slice::<Value>(&body).ok()
             };

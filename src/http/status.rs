@@ -4,6 +4,8 @@
 use std::time::Instant;
 
 use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 
@@ -45,6 +47,10 @@ pub struct KubernetesDoc {
     pub pod: String,
     pub api: crate::k8s::ApiHealth,
     pub conditions: Vec<crate::k8s::crd::Condition>,
+    /// Set in the answer to a failsafe request this instance granted: the primary it promised
+    /// not to compete with for a lease duration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failsafe_promised_to: Option<String>,
 }
 
 #[derive(Debug, Serialize, schemars::JsonSchema)]
@@ -71,15 +77,40 @@ pub struct Query {
 
 pub async fn handler(
     State(state): State<AppState>,
+    headers: HeaderMap,
     axum::extract::Query(q): axum::extract::Query<Query>,
-) -> Json<StatusDoc> {
+) -> Response {
     let shared = &state.inner;
+    let mut promised = None;
     if let (Some(primary), Some(k)) = (q.failsafe, shared.kubernetes.get()) {
-        // Only an instance that cannot reach the API server itself gives the promise: one that
-        // can would see the Lease expire and is free to take it.
-        if !k.api_health().reachable {
+        let token = headers
+            .get(crate::ha::failsafe::HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let authentic = k
+            .replication_password
+            .borrow()
+            .as_deref()
+            .is_some_and(|pw| {
+                crate::ha::failsafe::verify(pw, &k.identity.cluster, &primary, token)
+            });
+        if !authentic {
+            // Read-only status stays open to anyone; a promise that blocks failover does not.
+            tracing::warn!(%primary, "refused a failsafe request without a valid token");
+            return (
+                StatusCode::FORBIDDEN,
+                "a failsafe request needs the cluster's token\n",
+            )
+                .into_response();
+        }
+        // Only to the instance this one last saw holding the Lease, and only while it cannot
+        // reach the API server itself: one that can would see the Lease expire and is free to
+        // take it.
+        let holder = k.ha.borrow().as_ref().and_then(|h| h.leader.clone());
+        if !k.api_health().reachable && holder.as_deref() == Some(primary.as_str()) {
             *k.failsafe_ack.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some((primary, Instant::now()));
+                Some((primary.clone(), Instant::now()));
+            promised = Some(primary);
         }
     }
     let view = shared.view();
@@ -118,10 +149,12 @@ pub async fn handler(
             pod: k.identity.pod.clone(),
             api: k.api_health(),
             conditions: k.conditions(),
+            failsafe_promised_to: promised,
         }),
         wal: shared.wal.get().map(|w| w.state.borrow().doc()),
         ha: shared.kubernetes.get().and_then(|k| k.ha.borrow().clone()),
     })
+    .into_response()
 }
 
 /// The JSON Schema of [`StatusDoc`].
