@@ -1053,3 +1053,33 @@ async fn an_outage_black_holes_everyone_until_it_ends() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_refusing_outage_cuts_every_watch_and_recovery_works() {
+    let env = Env::new();
+    bounded(async {
+        let a: Api<ConfigMap> = Api::default_namespaced(env.client("a").await);
+        let b: Api<ConfigMap> = Api::default_namespaced(env.client("b").await);
+        let wp = WatchParams::default().disable_bookmarks();
+        let mut watch_a = a.watch(&wp, "0").await.unwrap().boxed();
+        let mut watch_b = b.watch(&wp, "0").await.unwrap().boxed();
+        env.server.outage_refuse(true);
+        for stream in [&mut watch_a, &mut watch_b] {
+            assert!(matches!(next_event(stream).await, None | Some(Err(_))));
+        }
+        let result = tokio::time::timeout(CLIENT_PATIENCE, a.list(&ListParams::default())).await;
+        assert!(
+            matches!(result, Ok(Err(_))),
+            "requests fail at once: {result:?}"
+        );
+
+        env.server.outage_refuse(false);
+        a.create(
+            &PostParams::default(),
+            &config_map("x", json!({}), json!({})),
+        )
+        .await
+        .unwrap();
+    })
+    .await;
+}

@@ -312,7 +312,14 @@ impl ApiServer {
     /// are accepted and requests held unanswered, open watches deliver nothing more (and stay
     /// open), whatever the clients' own faults. Turning it off drops every connection it held.
     pub fn outage(&self, on: bool) {
-        self.change_faults(|clients| clients.outage = on);
+        self.change_faults(|clients| clients.outage = on.then_some(Fault::Blackhole));
+    }
+
+    /// While on, the API server is down as when its process is gone: new connections are
+    /// closed unanswered, open watches and requests in progress cut, whatever the clients' own
+    /// faults. Turning it (or [`ApiServer::outage`]) off ends whichever outage is on.
+    pub fn outage_refuse(&self, on: bool) {
+        self.change_faults(|clients| clients.outage = on.then_some(Fault::Refuse));
     }
 
     fn change_faults(&self, f: impl FnOnce(&mut Clients)) {
@@ -478,8 +485,8 @@ struct Scope {
 struct Clients {
     /// Each client's fault rules.
     rules: HashMap<String, HashMap<Scope, Fault>>,
-    /// Black-holes everyone, over the clients' own rules.
-    outage: bool,
+    /// The fault of everyone's requests during an outage, over the clients' own rules.
+    outage: Option<Fault>,
     /// Every request being handled, open watches and held requests included, so that a change
     /// of faults reaches them.
     inflight: HashMap<u64, Inflight>,
@@ -510,8 +517,8 @@ impl Clients {
     /// The fault for one request (`verb` and `resource` are empty for a path the server does
     /// not serve: only the client-wide rule covers it).
     fn fault(&self, token: &str, verb: &str, resource: &str) -> Fault {
-        if self.outage {
-            return Fault::Blackhole;
+        if let Some(fault) = &self.outage {
+            return fault.clone();
         }
         let Some(rules) = self.rules.get(token) else {
             return Fault::None;
@@ -1374,6 +1381,9 @@ async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
+        if lock(&shared.clients).outage == Some(Fault::Refuse) {
+            continue; // dropping the stream closes it unanswered
+        }
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| handle(Arc::clone(&shared), req));
