@@ -55,6 +55,8 @@ const SWITCHOVER_CATCH_UP: Duration = Duration::from_secs(10);
 const STUCK_AFTER: Duration = Duration::from_secs(30);
 /// How often the primary looks for instances whose Pod is gone.
 const PRUNE_EVERY: Duration = Duration::from_secs(30);
+/// How long the elector waits for a starting standby before it decides again.
+const STANDBY_START_WAIT: Duration = Duration::from_secs(10);
 /// pg_rewind attempts against a healthy primary before the directory is moved aside.
 const REWIND_ATTEMPTS: u32 = 3;
 
@@ -945,11 +947,18 @@ impl Elector {
             return false;
         }
         memory.standby = true;
-        match self.postmaster.start().await {
-            Ok(()) => true,
-            Err(e) => {
+        // A standby is ready once consistent, which may need WAL from an upstream that went
+        // away meanwhile: the elector goes on after a while (Postgres keeps starting, as a
+        // replica in the next decision, which repoints it to whoever leads by then).
+        match tokio::time::timeout(STANDBY_START_WAIT, self.postmaster.start()).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "standby did not start");
                 false
+            }
+            Err(_) => {
+                tracing::info!("the standby is still recovering to a consistent state; going on");
+                true
             }
         }
     }
