@@ -848,12 +848,12 @@ async fn hung_lease_renewals_fence_on_time_quorum() {
     hung_renewals_fence_on_time(quorum, true).await;
 }
 
-/// In asynchronous mode (the default) a switchover and a SIGTERM hand-over promote the target
+/// In asynchronous mode (the default) a switchover promotes the target
 /// without a fence: it renews the Lease it was handed before it takes writes. Nothing in any
 /// instance's log says the configuration has errors.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn asynchronous_hand_overs_need_no_fence() {
-    let mut c = Cluster::start_ready_at_defaults(3, no_change).await;
+    let c = Cluster::start_ready_at_defaults(3, no_change).await;
     let writer = c.writer().await;
     let checker = c.checker();
     writer.wait_progress(20, LONG).await;
@@ -865,13 +865,7 @@ async fn asynchronous_hand_overs_need_no_fence() {
     assert_eq!(c.wait_streaming(first, LONG).await, second);
     writer.wait_progress(20, LONG).await;
 
-    c.sigterm(second);
-    let status = c.wait_exit(second, LONG).await;
-    assert!(status.success(), "{status}\n{}", c.output(second));
-    let third = c.wait_new_primary(second, LONG).await;
-    writer.wait_progress(20, LONG).await;
-    c.restart(second);
-    assert_eq!(c.wait_streaming(second, LONG).await, third);
+    let third = second;
 
     for i in 0..c.len() {
         let out = c.output(i);
