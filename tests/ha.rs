@@ -10,8 +10,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use support::apiserver::Fault;
 use support::cluster::{
-    connect_within, eventually, quorum, slot_name, Cluster, Rng, FENCED_INSTANCES, NS,
-    SWITCHOVER_TO,
+    cluster_object, connect_within, eventually, quorum, slot_name, Cluster, Rng, FENCED_INSTANCES,
+    NS, PGC, SWITCHOVER_TO,
 };
 use tokio::time::{sleep, timeout};
 
@@ -947,4 +947,110 @@ async fn a_spec_field_from_a_newer_version_keeps_ha_running() {
     c.restart(p);
     assert_eq!(c.wait_streaming(p, LONG).await, new);
     writer.stop().await;
+}
+
+/// The PostgresCluster is re-created (its status and the Lease are gone) while every instance is
+/// down, one instance's volume is emptied and that instance starts first: it never initialises a
+/// new cluster beside the others' data. Once they are back one of them leads, the table is still
+/// there, and the emptied instance clones it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_recreated_cluster_keeps_its_data_when_an_empty_instance_starts_first() {
+    let mut c = Cluster::start_ready(3, no_change).await;
+    let p = c.wait_primary(LONG).await;
+    let client = c.client(p).await.expect("a session on the primary");
+    client
+        .batch_execute("CREATE TABLE precious (v int); INSERT INTO precious VALUES (42)")
+        .await
+        .expect("the table");
+    drop(client);
+    for i in 0..c.len() {
+        c.kill9(i);
+    }
+    c.server.delete(PGC.0, PGC.1, NS, "pg");
+    c.server
+        .delete("coordination.k8s.io/v1", "leases", NS, "pg-leader");
+    c.server.create(cluster_object(c.len()));
+
+    let empty = c.others(p)[0];
+    let dir = c.data_dir(empty);
+    std::fs::remove_dir_all(&dir).expect("empty the volume");
+    std::fs::create_dir(&dir).expect("an empty volume");
+    support::chown(&dir);
+    c.restart(empty);
+    eventually(
+        "the empty instance waiting for the others",
+        LONG,
+        async || {
+            let s = c.status(empty).await;
+            s["ha"]["action"]
+                .as_str()?
+                .contains("waiting to hear from every instance")
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        !dir.join("PG_VERSION").exists(),
+        "initialised a new cluster"
+    );
+
+    for i in c.others(empty) {
+        c.restart(i);
+    }
+    let leader = c.wait_all_streaming(Duration::from_secs(180)).await;
+    assert_ne!(leader, empty);
+    for i in 0..c.len() {
+        let name = c.name(i).to_string();
+        let v = eventually(&format!("the row on {name}"), LONG, async || {
+            c.query_value::<i32>(i, "SELECT v FROM precious").await
+        })
+        .await;
+        assert_eq!(v, 42, "{name}");
+    }
+}
+
+/// A standby whose data directory holds another database (another system identifier) never
+/// rewinds onto the primary nor reclones from it: that would replace its data. It says so and
+/// waits, its data in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_foreign_database_is_never_rewound_or_recloned_over() {
+    let mut c = Cluster::start_ready(2, no_change).await;
+    let p = c.wait_primary(LONG).await;
+    let other = c.others(p)[0];
+    c.kill9(other);
+    let dir = c.data_dir(other);
+    std::fs::remove_dir_all(&dir).expect("remove the standby's data");
+    let mut initdb = std::process::Command::new("/usr/lib/postgresql/15/bin/initdb");
+    initdb.arg("-D").arg(&dir).arg("--auth=trust");
+    if let Some(u) = support::pg_user() {
+        std::fs::create_dir(&dir).expect("the directory");
+        support::chown(&dir);
+        use std::os::unix::process::CommandExt;
+        initdb.uid(u.uid.as_raw()).gid(u.gid.as_raw());
+    }
+    let out = initdb.output().expect("run initdb");
+    assert!(out.status.success(), "{out:?}");
+    c.restart(other);
+
+    let name = c.name(other).to_string();
+    eventually("a ForeignSystemIdentifier Event", LONG, async || {
+        c.server
+            .list("events.k8s.io/v1", "events", NS)
+            .iter()
+            .any(|e| {
+                e["reason"] == "ForeignSystemIdentifier"
+                    && e["note"].as_str().is_some_and(|n| n.contains(&name))
+            })
+            .then_some(())
+    })
+    .await;
+    let parent = dir.parent().expect("a parent");
+    let aside: Vec<String> = std::fs::read_dir(parent)
+        .expect("list the sandbox")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.contains("diverged"))
+        .collect();
+    assert!(aside.is_empty(), "moved aside: {aside:?}");
+    assert!(dir.join("PG_VERSION").exists(), "its data stays");
+    assert_eq!(c.wait_primary(LONG).await, p, "the primary goes on");
 }

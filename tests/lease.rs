@@ -128,6 +128,7 @@ async fn a_partitioned_leader_passes_its_deadline_before_followers_see_expiry() 
             max_local_restarts: 3,
             has_data: true,
             initialized: true,
+            others_data: decide::OthersData::AllEmpty,
         });
         if matches!(decision, decide::Action::Fence(_)) && fenced_at.is_none() {
             fenced_at = Some(started.elapsed());

@@ -106,6 +106,21 @@ pub struct Observed {
     pub has_data: bool,
     /// The cluster was initialised before (its status names a primary): never initdb again.
     pub initialized: bool,
+    /// What the other instances say of their data directories.
+    pub others_data: OthersData,
+}
+
+/// What the other instances of the cluster said of their data directories: an empty volume
+/// is initialised only when none of them holds data (a re-created PostgresCluster has lost its
+/// status and Lease, not its instances' data).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OthersData {
+    /// Every other instance answered: none has data.
+    AllEmpty,
+    /// These instances have data.
+    Present(Vec<String>),
+    /// Not every other instance has answered yet.
+    Unheard { heard: usize, expected: usize },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,7 +231,16 @@ pub fn decide(o: &Observed) -> Action {
         // later instance with an empty volume from initialising a second, divergent cluster
         // should the Lease ever be deleted.
         if o.lease == Lease::Absent && !o.initialized && o.local == Local::Stopped {
-            return Action::Bootstrap;
+            return match &o.others_data {
+                OthersData::AllEmpty => Action::Bootstrap,
+                OthersData::Present(names) => Action::Wait(format!(
+                    "no data here, but {} has data: never initialise a new cluster beside it; waiting for a primary",
+                    names.join(", ")
+                )),
+                OthersData::Unheard { heard, expected } => Action::Wait(format!(
+                    "no data here: waiting to hear from every instance ({heard} of {expected}) before initialising"
+                )),
+            };
         }
         return Action::Wait("no data here: waiting for a primary to clone".into());
     }
@@ -370,6 +394,7 @@ mod tests {
             max_local_restarts: 3,
             has_data: true,
             initialized: true,
+            others_data: OthersData::Present(vec!["b".into(), "c".into()]),
         }
     }
 
@@ -462,9 +487,15 @@ mod tests {
             ("expired quorum: too few heard",
                 Observed { lease: expired(), peers: vec![peer("b", 100)], sync: Sync::Quorum { number: 1, set: vec!["b".into(), "c".into()] }, ..base("b") },
                 Action::Wait("heard from 1 of the synchronous set, need 2 to be sure no acknowledged commit is missing".into())),
-            ("absent lease, new cluster, empty volume: bootstrap",
-                Observed { lease: Lease::Absent, local: Local::Stopped, has_data: false, initialized: false, following: None, ..base("b") },
+            ("absent lease, new cluster, empty volume, every other instance empty: bootstrap",
+                Observed { lease: Lease::Absent, local: Local::Stopped, has_data: false, initialized: false, following: None, others_data: OthersData::AllEmpty, ..base("b") },
                 Action::Bootstrap),
+            ("absent lease and status (re-created cluster), empty volume, data elsewhere: never initdb",
+                Observed { lease: Lease::Absent, local: Local::Stopped, has_data: false, initialized: false, following: None, others_data: OthersData::Present(vec!["c".into()]), ..base("b") },
+                Action::Wait("no data here, but c has data: never initialise a new cluster beside it; waiting for a primary".into())),
+            ("absent lease, empty volume, not every instance heard: wait",
+                Observed { lease: Lease::Absent, local: Local::Stopped, has_data: false, initialized: false, following: None, others_data: OthersData::Unheard { heard: 1, expected: 2 }, ..base("b") },
+                Action::Wait("no data here: waiting to hear from every instance (1 of 2) before initialising".into())),
             ("absent lease but the cluster was initialised: never initdb again",
                 Observed { lease: Lease::Absent, local: Local::Stopped, has_data: false, following: None, ..base("b") },
                 Action::Wait("no data here: waiting for a primary to clone".into())),

@@ -109,6 +109,8 @@ struct Memory {
     stuck_at: Option<crate::postgres::lsn::Lsn>,
     /// When departed instances were last looked for.
     pruned_at: Option<Instant>,
+    /// The foreign-primary report last made (made once).
+    foreign_reported: Option<String>,
     /// After a failed clone, rewind or start, the next attempt waits until then (wakes from
     /// status changes would otherwise retry in a tight loop).
     retry_at: Option<Instant>,
@@ -123,6 +125,8 @@ struct Tick {
     observed: Observed,
     /// This tick's failsafe round confirmed the leadership (the API server is silent).
     in_failsafe: bool,
+    /// The database system identifier each peer running Postgres reports.
+    system_ids: std::collections::BTreeMap<String, String>,
 }
 
 impl Elector {
@@ -268,6 +272,13 @@ impl Elector {
             in_failsafe = true;
         }
         let lease = self.promised(lease);
+        let system_ids = docs
+            .iter()
+            .filter_map(|(name, doc)| {
+                let id = doc.pointer("/postgres/system_identifier")?.as_str()?;
+                Some((name.clone(), id.to_string()))
+            })
+            .collect();
         let mut list: Vec<Peer> = docs
             .iter()
             .map(|(name, doc)| peers::from_status(name, doc))
@@ -305,6 +316,7 @@ impl Elector {
             max_local_restarts: self.max_crashes.saturating_sub(1),
             has_data,
             initialized,
+            others_data: peers::others_data(&docs, spec.instances as usize),
         };
         Some(Tick {
             spec,
@@ -313,6 +325,7 @@ impl Elector {
             peers: list,
             observed,
             in_failsafe,
+            system_ids,
         })
     }
 
@@ -419,6 +432,7 @@ impl Elector {
             action: describe(action),
             synchronous_standby_names: quorum::standby_names(&memory.applied),
             degraded: memory.degraded,
+            has_data: tick.observed.has_data,
         };
         let changed = self.shared.ha.send_if_modified(|cur| {
             let changed = cur.as_ref() != Some(&doc);
@@ -687,6 +701,15 @@ impl Elector {
             return;
         }
         memory.not_streaming_since = None;
+        let mine = self
+            .observation
+            .borrow()
+            .pg
+            .as_deref()
+            .map(|p| p.system_identifier.clone());
+        if self.foreign_primary(&primary, mine, tick, memory).await {
+            return;
+        }
         let what = format!(
             "{} has not streamed from the healthy primary {primary} for {STUCK_AFTER:?}: diverged",
             self.me
@@ -890,6 +913,9 @@ impl Elector {
             tracing::info!(%primary, "waiting for the new primary to accept writes before rewinding");
             return false;
         }
+        if self.foreign_primary(primary, None, tick, memory).await {
+            return false;
+        }
         match replica::rewind(&self.reaper, &self.binaries, &self.pg, address, &self.me).await {
             Ok(()) => {
                 memory.rewind_failures = 0;
@@ -991,6 +1017,7 @@ impl Elector {
                     members: tick.members.clone(),
                     peers: tick.peers.clone(),
                     in_failsafe: tick.in_failsafe,
+                    system_ids: tick.system_ids.clone(),
                 };
                 self.promote(&tick, memory, "restart").await;
             }
@@ -1177,6 +1204,14 @@ impl Elector {
 
     /// The position of the shutdown checkpoint (the last record a clean stop wrote).
     async fn last_checkpoint(&self) -> Result<crate::postgres::lsn::Lsn, String> {
+        let value = self.control_field("Latest checkpoint location:").await?;
+        value
+            .parse()
+            .map_err(|_| format!("pg_controldata gave no checkpoint location: {value:?}"))
+    }
+
+    /// One field of `pg_controldata`'s report on the local data directory.
+    async fn control_field(&self, field: &str) -> Result<String, String> {
         let mut cmd = crate::postgres::command(self.binaries.tool("pg_controldata"));
         cmd.arg("-D").arg(&self.pg.data_dir).env("LC_ALL", "C");
         let out = self
@@ -1186,14 +1221,59 @@ impl Elector {
             .map_err(|e| format!("cannot run pg_controldata: {e}"))?;
         out.stdout
             .lines()
-            .find_map(|l| l.strip_prefix("Latest checkpoint location:"))
-            .and_then(|v| v.trim().parse().ok())
-            .ok_or_else(|| {
-                format!(
-                    "pg_controldata gave no checkpoint location: {}",
-                    out.stderr.trim()
-                )
-            })
+            .find_map(|l| l.strip_prefix(field))
+            .map(|v| v.trim().to_string())
+            .ok_or_else(|| format!("pg_controldata gave no {field} {}", out.stderr.trim()))
+    }
+
+    /// Whether `primary`'s cluster is another database than the one in this data directory
+    /// (another system identifier): then nothing may rewind onto it or reclone from it, which
+    /// would replace this data with that database. Reported once; it waits for a human.
+    async fn foreign_primary(
+        &self,
+        primary: &str,
+        mine: Option<String>,
+        tick: &Tick,
+        memory: &mut Memory,
+    ) -> bool {
+        let Some(theirs) = tick.system_ids.get(primary) else {
+            return false;
+        };
+        let mine = match mine {
+            Some(mine) => mine,
+            None => match self.control_field("Database system identifier:").await {
+                Ok(mine) => mine,
+                Err(_) => return false,
+            },
+        };
+        if &mine == theirs {
+            if memory.foreign_reported.take().is_some() {
+                self.shared
+                    .set_condition("SameDatabase", true, "SameSystemIdentifier", "", None);
+            }
+            return false;
+        }
+        let message = format!(
+            "{} holds database system {mine} but the primary {primary} runs system {theirs}: \
+             not rewinding, recloning or following (it would replace this data); \
+             waiting for a human",
+            self.me
+        );
+        if memory.foreign_reported.as_deref() != Some(message.as_str()) {
+            tracing::error!("{message}");
+            self.shared.set_condition(
+                "SameDatabase",
+                false,
+                "ForeignSystemIdentifier",
+                &message,
+                None,
+            );
+            self.events
+                .warning("ForeignSystemIdentifier", message.clone())
+                .await;
+            memory.foreign_reported = Some(message);
+        }
+        true
     }
 
     async fn clear_switchover_request(&self) {

@@ -37,6 +37,10 @@ pub struct HaStatus {
     /// Primary: fewer synchronous standbys than asked for, and commits no longer wait for
     /// them (`spec.synchronous.allowDegraded`).
     pub degraded: bool,
+    /// The data directory holds a cluster (an empty instance initialises only when no other
+    /// instance says so).
+    #[serde(default)]
+    pub has_data: bool,
 }
 
 /// The roles `pgwarden_ha_role` reports (one sample each, 1 for the current one).

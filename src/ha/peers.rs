@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::decide::Peer;
+use super::decide::{OthersData, Peer};
 use super::replica::Address;
 use crate::postgres::lsn::Lsn;
 
@@ -43,6 +43,32 @@ pub fn members(cluster: &Value, me: &str) -> Vec<Member> {
                 .map(str::to_string),
         })
         .collect()
+}
+
+/// What the other instances said of their data directories, from their `/pg/status`: one
+/// that runs Postgres, or whose elector says so, has data; one that says nothing of it (an
+/// older pgwarden) counts as having data, so that nobody initialises on a guess.
+pub fn others_data(docs: &BTreeMap<String, Value>, instances: usize) -> OthersData {
+    let present: Vec<String> = docs
+        .iter()
+        .filter(|(_, doc)| {
+            let running = doc.get("postgres").is_some_and(|p| !p.is_null());
+            let said = doc.pointer("/ha/has_data").and_then(Value::as_bool);
+            running || said != Some(false)
+        })
+        .map(|(name, _)| name.clone())
+        .collect();
+    let expected = instances.saturating_sub(1);
+    if !present.is_empty() {
+        OthersData::Present(present)
+    } else if docs.len() < expected {
+        OthersData::Unheard {
+            heard: docs.len(),
+            expected,
+        }
+    } else {
+        OthersData::AllEmpty
+    }
 }
 
 /// Whether a peer promised `primary` not to compete (the answer to its failsafe request).
@@ -150,5 +176,40 @@ mod tests {
             &json!({"health": "fenced", "ha": {"fenced": true}, "postgres": null}),
         );
         assert!(!stopped.healthy && stopped.fenced && stopped.lsn.is_none());
+    }
+
+    #[test]
+    fn data_elsewhere_from_documents() {
+        let empty = json!({"ha": {"has_data": false}, "postgres": null});
+        let docs = |list: &[(&str, Value)]| -> BTreeMap<String, Value> {
+            list.iter()
+                .map(|(n, d)| (n.to_string(), d.clone()))
+                .collect()
+        };
+        let two_empty = docs(&[("b", empty.clone()), ("c", empty.clone())]);
+        assert_eq!(others_data(&two_empty, 3), OthersData::AllEmpty);
+        assert_eq!(
+            others_data(&docs(&[("b", empty.clone())]), 3),
+            OthersData::Unheard {
+                heard: 1,
+                expected: 2
+            }
+        );
+        assert_eq!(others_data(&BTreeMap::new(), 1), OthersData::AllEmpty);
+        let with = docs(&[
+            ("b", empty.clone()),
+            ("c", json!({"ha": {"has_data": true}, "postgres": null})),
+        ]);
+        assert_eq!(others_data(&with, 3), OthersData::Present(vec!["c".into()]));
+        let running = docs(&[("b", json!({"ha": null, "postgres": {"role": "replica"}}))]);
+        assert_eq!(
+            others_data(&running, 2),
+            OthersData::Present(vec!["b".into()])
+        );
+        let silent = docs(&[("b", json!({"ha": null, "postgres": null}))]);
+        assert_eq!(
+            others_data(&silent, 2),
+            OthersData::Present(vec!["b".into()])
+        );
     }
 }

@@ -778,6 +778,11 @@ impl Cluster {
 
     /// Starts a fresh pgwarden on instance `i`'s sandbox (same data directory and ports). The
     /// previous one must have exited ([`Cluster::kill9`], SIGTERM, or on its own).
+    /// Instance `i`'s data directory.
+    pub fn data_dir(&self, i: usize) -> std::path::PathBuf {
+        self.nodes[i].sb.data_dir()
+    }
+
     pub fn restart(&mut self, i: usize) {
         let node = &mut self.nodes[i];
         if let Some(mut w) = node.warden.take() {
