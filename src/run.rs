@@ -155,7 +155,7 @@ pub async fn run(opts: Options) -> anyhow::Result<i32> {
         shutdown: config.shutdown.clone(),
         supervision: config.supervision.clone(),
     };
-    let postmaster = postmaster::spawn(spec, reaper.clone(), server_log, status_tx);
+    let postmaster = postmaster::spawn(spec, reaper.clone(), server_log.clone(), status_tx);
     let kubernetes = k8s::start(k8s::Start {
         config: config.clone(),
         base: pg_settings.clone(),
@@ -183,6 +183,7 @@ pub async fn run(opts: Options) -> anyhow::Result<i32> {
             pg: pg_settings.clone(),
             binaries,
             reaper: reaper.clone(),
+            server_log,
         }));
         let _ = state.inner.kubernetes.set(k);
     } else {

@@ -1054,3 +1054,56 @@ async fn a_foreign_database_is_never_rewound_or_recloned_over() {
     assert!(dir.join("PG_VERSION").exists(), "its data stays");
     assert_eq!(c.wait_primary(LONG).await, p, "the primary goes on");
 }
+
+/// Standbys that cannot connect (here pg_hba.conf rejects replication) are reported and retried,
+/// never recloned: a new copy cannot cure a refusal, and each reclone keeps one aside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn standbys_that_cannot_connect_are_not_recloned() {
+    let c = Cluster::start_ready(3, no_change).await;
+    let p = c.wait_primary(LONG).await;
+    c.set_spec(|s| {
+        s["postgresql"]["pgHba"] = json!(["host replication all 127.0.0.1/32 reject"]);
+    });
+    // A reload leaves established replication connections alone: end them, so that the
+    // standbys must reconnect through the new rules.
+    let primary = c.client(p).await.expect("a session on the primary");
+    eventually("pg_hba.conf reloaded on the primary", LONG, async || {
+        let rows = primary
+            .query(
+                "SELECT 1 FROM pg_hba_file_rules WHERE 'reject' = auth_method",
+                &[],
+            )
+            .await
+            .ok()?;
+        (!rows.is_empty()).then_some(())
+    })
+    .await;
+    primary
+        .batch_execute("SELECT pg_terminate_backend(pid) FROM pg_stat_replication")
+        .await
+        .expect("end the walsenders");
+    let events = |reason: &str| {
+        c.server
+            .list("events.k8s.io/v1", "events", NS)
+            .into_iter()
+            .filter(|e| e["reason"] == reason)
+            .count()
+    };
+    eventually(
+        "CannotStream Events",
+        Duration::from_secs(150),
+        async || (events("CannotStream") >= 2).then_some(()),
+    )
+    .await;
+    assert_eq!(
+        events("Recloning"),
+        0,
+        "a standby that cannot connect was recloned"
+    );
+
+    c.set_spec(|s| {
+        s["postgresql"]["pgHba"] = json!([]);
+    });
+    assert_eq!(c.wait_all_streaming(LONG).await, p);
+    assert_eq!(events("Recloning"), 0);
+}

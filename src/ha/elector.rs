@@ -84,6 +84,7 @@ pub struct Elector {
     pub fence: super::fence::FenceTimer,
     /// The last Lease read got no answer.
     pub api_down: bool,
+    pub server_log: crate::postgres::log::ServerLog,
 }
 
 /// What the elector remembers between ticks.
@@ -111,6 +112,8 @@ struct Memory {
     pruned_at: Option<Instant>,
     /// The foreign-primary report last made (made once).
     foreign_reported: Option<String>,
+    /// The report of a standby that cannot connect, last made (made once).
+    cannot_stream_reported: Option<String>,
     /// After a failed clone, rewind or start, the next attempt waits until then (wakes from
     /// status changes would otherwise retry in a tight loop).
     retry_at: Option<Instant>,
@@ -692,6 +695,10 @@ impl Elector {
             .peers
             .iter()
             .any(|p| p.name == primary && p.healthy && p.primary);
+        if streaming && memory.cannot_stream_reported.take().is_some() {
+            self.shared
+                .set_condition("Streaming", true, "Streaming", "", None);
+        }
         if streaming || !source_ok || tick.observed.local != Local::Replica {
             memory.not_streaming_since = None;
             return;
@@ -710,8 +717,32 @@ impl Elector {
         if self.foreign_primary(&primary, mine, tick, memory).await {
             return;
         }
+        // Only divergence is cured by a new copy; a standby that cannot connect (a password,
+        // a slot, pg_hba.conf, the network) would be recloned again and again, filling the
+        // volume with copies kept aside. It is reported and retried.
+        let evidence = match super::stream::classify(&self.server_log.recent()) {
+            super::stream::Trouble::Diverged(line) => line,
+            trouble => {
+                let cause = match trouble {
+                    super::stream::Trouble::Connecting(line) => line,
+                    _ => "no divergence in Postgres's log".to_string(),
+                };
+                let message = format!(
+                    "{} has not streamed from the healthy primary {primary} for {STUCK_AFTER:?} and cannot connect: {cause}; retrying, not recloning",
+                    self.me
+                );
+                if memory.cannot_stream_reported.as_deref() != Some(message.as_str()) {
+                    tracing::error!("{message}");
+                    self.shared
+                        .set_condition("Streaming", false, "CannotConnect", &message, None);
+                    self.events.warning("CannotStream", message.clone()).await;
+                    memory.cannot_stream_reported = Some(message);
+                }
+                return;
+            }
+        };
         let what = format!(
-            "{} has not streamed from the healthy primary {primary} for {STUCK_AFTER:?}: diverged",
+            "{} has not streamed from the healthy primary {primary} for {STUCK_AFTER:?}: diverged ({evidence})",
             self.me
         );
         if !tick.spec.failover.reclone_on_rewind_failure {

@@ -11,6 +11,7 @@ pub mod lease;
 pub mod peers;
 pub mod quorum;
 pub mod replica;
+pub mod stream;
 pub mod switchover;
 
 use serde::Serialize;
@@ -90,6 +91,8 @@ pub struct Start<'a> {
     pub pg: crate::config::PostgresConfig,
     pub binaries: crate::postgres::binaries::Binaries,
     pub reaper: crate::supervisor::reaper::Reaper,
+    /// Postgres's recent problems, which tell a standby's divergence from trouble connecting.
+    pub server_log: crate::postgres::log::ServerLog,
 }
 
 /// Starts the elector; the returned sender asks it to hand over on shutdown.
@@ -134,6 +137,7 @@ pub fn start(s: Start<'_>) -> tokio::sync::mpsc::Sender<elector::Command> {
         api_timeout: k.api_timeout,
         failsafe_at: None,
         api_down: false,
+        server_log: s.server_log,
     }
     .spawn()
 }
