@@ -4,16 +4,15 @@
 //! gets it, and defaulting goes on inside what was filled in (`Default`), so that a defaulted
 //! object has its own fields' defaults too.
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
-    JSONSchemaProps, JSONSchemaPropsOrBool,
-};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps;
 use serde_json::Value;
 
-use super::{additional, flag, items, properties, property};
+use super::walk::{children, Step, Sub};
+use super::{flag, properties};
 
 /// Prunes non-nullable nulls without a default, then applies the defaults, in place.
 pub(crate) fn apply(obj: &mut Value, schema: &JSONSchemaProps) {
-    prune_nulls(obj, Some(schema));
+    prune_nulls(obj, schema);
     default(obj, schema);
 }
 
@@ -25,82 +24,56 @@ fn default_of(s: &JSONSchemaProps) -> Option<&Value> {
     s.default.as_ref().map(|d| &d.0).filter(|d| !d.is_null())
 }
 
-/// The schema a field of an object follows: its property, else `additionalProperties`.
-fn field_schema<'a>(s: Option<&'a JSONSchemaProps>, name: &str) -> Option<&'a JSONSchemaProps> {
-    let s = s?;
-    property(s, name).or(match &s.additional_properties {
-        Some(JSONSchemaPropsOrBool::Schema(schema)) => Some(schema),
-        _ => None,
-    })
-}
-
-fn prune_nulls(x: &mut Value, s: Option<&JSONSchemaProps>) {
-    match x {
-        Value::Object(map) => {
-            map.retain(|k, v| {
-                let schema = field_schema(s, k);
-                let drop =
-                    v.is_null() && schema.is_some_and(|s| !nullable(s) && default_of(s).is_none());
-                if !drop {
-                    prune_nulls(v, schema);
-                }
-                !drop
-            });
+/// Drops the fields that are null, whose schema is not nullable and has no default; items stay.
+fn prune_nulls(x: &mut Value, s: &JSONSchemaProps) {
+    for (at, sub) in children(x, Some(s)) {
+        // Below no schema nothing is dropped.
+        let Some(s) = sub.schema() else {
+            continue;
+        };
+        let null = at.of(x).is_some_and(Value::is_null);
+        if matches!(at, Step::Field(_)) && null && !nullable(s) && default_of(s).is_none() {
+            at.remove(x);
+        } else if let Some(v) = at.of_mut(x) {
+            prune_nulls(v, s);
         }
-        Value::Array(list) => {
-            let item = s.and_then(items);
-            list.iter_mut().for_each(|v| prune_nulls(v, item));
-        }
-        _ => {}
     }
 }
 
 fn default(x: &mut Value, s: &JSONSchemaProps) {
-    match x {
-        Value::Object(map) => {
-            for (k, prop) in properties(s) {
-                let Some(value) = default_of(prop) else {
-                    continue;
-                };
-                let missing = map.get(k).is_none_or(|v| v.is_null() && !nullable(prop));
-                if missing {
-                    map.insert(k.clone(), value.clone());
-                }
-            }
-            for (k, v) in map.iter_mut() {
-                if let Some(prop) = property(s, k) {
-                    default(v, prop);
-                } else if let Some(extra) = additional(s) {
-                    if v.is_null() && !nullable(extra) {
-                        *v = default_of(extra).cloned().unwrap_or(Value::Null);
-                    }
-                    default(v, extra);
-                }
-            }
-        }
-        Value::Array(list) => {
-            let Some(item) = items(s) else {
-                return;
+    if let Value::Object(map) = x {
+        for (k, prop) in properties(s) {
+            let Some(value) = default_of(prop) else {
+                continue;
             };
-            for v in list.iter_mut() {
-                if v.is_null() && !nullable(item) {
-                    *v = default_of(item).cloned().unwrap_or(Value::Null);
-                }
-                default(v, item);
+            let missing = map.get(k).is_none_or(|v| v.is_null() && !nullable(prop));
+            if missing {
+                map.insert(k.clone(), value.clone());
             }
         }
-        _ => {}
+    }
+    for (at, sub) in children(x, Some(s)) {
+        let Some(v) = at.of_mut(x) else {
+            continue;
+        };
+        match sub {
+            Sub::Property(prop) => default(v, prop),
+            Sub::Additional(Some(s)) | Sub::Item(Some(s)) => {
+                if v.is_null() && !nullable(s) {
+                    *v = default_of(s).cloned().unwrap_or(Value::Null);
+                }
+                default(v, s);
+            }
+            Sub::Additional(None) | Sub::Item(None) | Sub::Unspecified => {}
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::schema;
     use super::*;
     use serde_json::json;
-
-    fn schema(v: Value) -> JSONSchemaProps {
-        serde_json::from_value(v).unwrap()
-    }
 
     #[test]
     fn defaults_fill_in_and_nest() {

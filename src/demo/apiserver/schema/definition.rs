@@ -270,16 +270,16 @@ fn names(crd: &CustomResourceDefinition, out: &mut Vec<FieldError>) {
     label("spec.names.singular", &singular, false, out);
     label("spec.names.kind", &n.kind, true, out);
     label("spec.names.listKind", &list_kind, true, out);
-    for (i, short) in n.short_names.iter().flatten().enumerate() {
-        let errors = dns1035_label(short);
-        if !errors.is_empty() {
-            out.push(invalid(
-                &index("spec.names.shortNames", i),
-                short.as_str(),
-                &errors.join(","),
-            ));
+    // Every item of a list, an empty one too (`label` passes over empty names).
+    let labels = |at: &str, values: &Option<Vec<String>>, out: &mut Vec<FieldError>| {
+        for (i, value) in values.iter().flatten().enumerate() {
+            let errors = dns1035_label(value);
+            if !errors.is_empty() {
+                out.push(invalid(&index(at, i), value.as_str(), &errors.join(",")));
+            }
         }
-    }
+    };
+    labels("spec.names.shortNames", &n.short_names, out);
     if !n.kind.is_empty() && n.kind == list_kind {
         out.push(invalid(
             "spec.names.listKind",
@@ -287,16 +287,7 @@ fn names(crd: &CustomResourceDefinition, out: &mut Vec<FieldError>) {
             "kind and listKind may not be the same",
         ));
     }
-    for (i, category) in n.categories.iter().flatten().enumerate() {
-        let errors = dns1035_label(category);
-        if !errors.is_empty() {
-            out.push(invalid(
-                &index("spec.names.categories", i),
-                category.as_str(),
-                &errors.join(","),
-            ));
-        }
-    }
+    labels("spec.names.categories", &n.categories, out);
 }
 
 fn simple_json_path(at: &str, path: &str, out: &mut Vec<FieldError>) -> bool {

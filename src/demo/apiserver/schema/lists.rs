@@ -4,57 +4,44 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps;
 use serde_json::Value;
 
-use super::{additional, child, duplicate, index, invalid, items, key, property, FieldError};
+use super::walk::{children, Step, Sub};
+use super::{child, duplicate, index, invalid, items, key, property, FieldError};
 
 /// Duplicates in `set` lists and duplicate keys in `map` lists (`ValidateListSetsAndMaps`).
 pub(crate) fn list_types(value: &Value, schema: &JSONSchemaProps) -> Vec<FieldError> {
     let mut out = Vec::new();
-    if let Value::Object(map) = value {
-        object_lists("", map, schema, &mut out);
+    if value.is_object() {
+        lists("", value, schema, &mut out);
     }
     out
 }
 
-fn object_lists(
-    at: &str,
-    map: &serde_json::Map<String, Value>,
-    s: &JSONSchemaProps,
-    out: &mut Vec<FieldError>,
-) {
-    if let Some(extra) = additional(s) {
-        for (k, v) in map {
-            lists(&key(at, k), v, extra, out);
-        }
-    }
-    for (k, v) in map {
-        if let Some(prop) = property(s, k) {
-            lists(&child(at, k), v, prop, out);
-        }
-    }
-}
-
 fn lists(at: &str, x: &Value, s: &JSONSchemaProps, out: &mut Vec<FieldError>) {
-    match x {
-        Value::Object(map) => object_lists(at, map, s, out),
-        Value::Array(list) => {
-            match s.x_kubernetes_list_type.as_deref() {
-                Some("set") => {
-                    for (i, v) in list.iter().enumerate() {
-                        if list[..i].contains(v) {
-                            out.push(duplicate(&index(at, i), v.clone()));
-                        }
+    if let Value::Array(list) = x {
+        match s.x_kubernetes_list_type.as_deref() {
+            Some("set") => {
+                for (i, v) in list.iter().enumerate() {
+                    if list[..i].contains(v) {
+                        out.push(duplicate(&index(at, i), v.clone()));
                     }
                 }
-                Some("map") => map_list(at, list, s, out),
-                _ => {}
             }
-            if let Some(item) = items(s) {
-                for (i, v) in list.iter().enumerate() {
-                    lists(&index(at, i), v, item, out);
-                }
-            }
+            Some("map") => map_list(at, list, s, out),
+            _ => {}
         }
-        _ => {}
+    }
+    // Go goes over the fields twice, for `additionalProperties` and then for `properties`; a
+    // CRD cannot have both (see openapi.rs), so one pass in the walk's terms does the same.
+    for (step, sub) in children(x, Some(s)) {
+        let (here, s) = match (&step, sub) {
+            (Step::Field(k), Sub::Property(prop)) => (child(at, k), prop),
+            (Step::Field(k), Sub::Additional(Some(extra))) => (key(at, k), extra),
+            (Step::Item(i), Sub::Item(Some(item))) => (index(at, *i), item),
+            _ => continue,
+        };
+        if let Some(v) = step.of(x) {
+            lists(&here, v, s, out);
+        }
     }
 }
 
@@ -91,12 +78,9 @@ fn map_list(at: &str, list: &[Value], s: &JSONSchemaProps, out: &mut Vec<FieldEr
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::schema;
     use super::*;
     use serde_json::json;
-
-    fn schema(v: Value) -> JSONSchemaProps {
-        serde_json::from_value(v).unwrap()
-    }
 
     #[test]
     fn sets_and_maps_have_no_duplicates() {

@@ -5,7 +5,8 @@
 //! ([`openapi`], which also validates the defaults). A custom resource then goes through, on
 //! every write and in the real server's order: [`prune`] (unknown fields dropped),
 //! [`defaulting`] (nulls pruned, defaults filled in) and [`validate`] (the schema's constraints,
-//! worded as kube-openapi words them; then [`lists`]).
+//! worded as kube-openapi words them; then [`lists`]). Pruning, defaulting and the list checks
+//! walk a resource alike: see [`walk`].
 //!
 //! Errors are apimachinery's `field.Error`s, printed as Go prints them, so that a refusal here
 //! reads like the real one: see [`FieldError`] and [`invalid`].
@@ -17,6 +18,7 @@ mod openapi;
 pub(crate) mod prune;
 mod structural;
 pub(crate) mod validate;
+mod walk;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -459,6 +461,11 @@ pub(crate) fn flag(value: Option<bool>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A schema from its JSON (the submodules' tests use it too).
+    pub(super) fn schema(v: Value) -> JSONSchemaProps {
+        serde_json::from_value(v).unwrap()
+    }
 
     #[test]
     fn floats_print_as_go_prints_them() {

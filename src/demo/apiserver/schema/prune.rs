@@ -2,12 +2,11 @@
 //! dropped, except under `x-kubernetes-preserve-unknown-fields`, and except the `apiVersion`,
 //! `kind` and `metadata` of the object itself and of embedded resources.
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
-    JSONSchemaProps, JSONSchemaPropsOrBool,
-};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps;
 use serde_json::Value;
 
-use super::{flag, items, property};
+use super::walk::{children, Step, Sub};
+use super::{child, flag, index};
 
 const META_FIELDS: [&str; 3] = ["apiVersion", "kind", "metadata"];
 
@@ -20,7 +19,8 @@ pub(crate) fn prune(obj: &mut Value, schema: &JSONSchemaProps, root: bool) -> Ve
     pruned
 }
 
-/// `embedded`: the node is a resource, whose meta fields are left alone.
+/// `embedded`: the node is a resource, whose meta fields are left alone. Below no schema (below
+/// `additionalProperties: true`) nothing is specified.
 fn walk(
     x: &mut Value,
     s: Option<&JSONSchemaProps>,
@@ -29,65 +29,34 @@ fn walk(
     out: &mut Vec<String>,
 ) {
     let preserve = s.is_some_and(|s| flag(s.x_kubernetes_preserve_unknown_fields));
-    match x {
-        Value::Object(map) => {
-            let Some(s) = s else {
-                // Below `additionalProperties: true`: nothing is specified.
-                out.extend(map.keys().map(|k| path(at, k)));
-                map.clear();
-                return;
-            };
-            let keys: Vec<String> = map.keys().cloned().collect();
-            for k in keys {
-                if embedded && META_FIELDS.contains(&k.as_str()) {
-                    continue;
-                }
-                let sub = property(s, &k)
-                    .map(Some)
-                    .or_else(|| match &s.additional_properties {
-                        Some(JSONSchemaPropsOrBool::Schema(schema)) => Some(Some(schema.as_ref())),
-                        Some(JSONSchemaPropsOrBool::Bool(_)) => Some(None),
-                        None => None,
-                    });
-                match (sub, map.get_mut(&k)) {
-                    (Some(sub), Some(v)) => {
-                        let embedded = sub.is_some_and(|s| flag(s.x_kubernetes_embedded_resource));
-                        walk(v, sub, embedded, &path(at, &k), out);
-                    }
-                    (None, _) if !preserve => {
-                        map.remove(&k);
-                        out.push(path(at, &k));
-                    }
-                    _ => {}
+    for (step, sub) in children(x, s) {
+        let here = match &step {
+            Step::Field(k) if embedded && META_FIELDS.contains(&k.as_str()) => continue,
+            Step::Field(k) => child(at, k),
+            Step::Item(i) => index(at, *i),
+        };
+        match sub {
+            Sub::Unspecified if !preserve => {
+                step.remove(x);
+                out.push(here);
+            }
+            Sub::Unspecified => {}
+            sub => {
+                let sub = sub.schema();
+                let embedded = sub.is_some_and(|s| flag(s.x_kubernetes_embedded_resource));
+                if let Some(v) = step.of_mut(x) {
+                    walk(v, sub, embedded, &here, out);
                 }
             }
         }
-        Value::Array(list) => {
-            let item = s.and_then(items);
-            let embedded = item.is_some_and(|s| flag(s.x_kubernetes_embedded_resource));
-            for (i, v) in list.iter_mut().enumerate() {
-                walk(v, item, embedded, &format!("{at}[{i}]"), out);
-            }
-        }
-        _ => {}
-    }
-}
-
-fn path(at: &str, key: &str) -> String {
-    match at {
-        "" => key.to_string(),
-        _ => format!("{at}.{key}"),
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::schema;
     use super::*;
     use serde_json::json;
-
-    fn schema(v: Value) -> JSONSchemaProps {
-        serde_json::from_value(v).unwrap()
-    }
 
     #[test]
     fn unknown_fields_go_meta_and_preserved_ones_stay() {

@@ -451,11 +451,8 @@ fn object(
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::schema;
     use super::*;
-
-    fn schema(v: Value) -> JSONSchemaProps {
-        serde_json::from_value(v).unwrap()
-    }
 
     fn messages(value: Value, s: &JSONSchemaProps) -> Vec<String> {
         validate(None, &value, s)
