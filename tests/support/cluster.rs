@@ -175,6 +175,26 @@ pub async fn connect_within(
     Some(client)
 }
 
+/// Attempts a write: an acknowledged commit on this instance makes it "writable" at that
+/// moment, whatever it says of itself (`pg_is_in_recovery()` can lag behind what it does).
+async fn write_acknowledged(
+    client: &tokio_postgres::Client,
+    name: &str,
+    within: Duration,
+) -> Option<bool> {
+    let write = format!(
+        "CREATE TABLE IF NOT EXISTS ha_split_brain_probe (instance text, at timestamptz DEFAULT now()); \
+         INSERT INTO ha_split_brain_probe (instance) VALUES ('{name}')"
+    );
+    match timeout(within, client.batch_execute(&write)).await {
+        Err(_) => None,
+        Ok(Ok(())) => Some(true),
+        // Refused as read-only (a standby, a fenced primary): answered, not writable.
+        Ok(Err(e)) if e.as_db_error().is_some() => Some(false),
+        Ok(Err(_)) => None,
+    }
+}
+
 /// `SELECT pg_is_in_recovery(), current_setting('transaction_read_only')` as "writable".
 async fn is_writable(client: &tokio_postgres::Client, within: Duration) -> Option<bool> {
     let row = timeout(
@@ -1202,9 +1222,9 @@ struct CheckerState {
     writable_samples: Vec<u64>,
 }
 
-/// Polls every instance every ~100 ms (each on its own task, with 1 s connect and query
-/// timeouts and a kept session that is dropped on any failure). An instance counts as writable
-/// when `pg_is_in_recovery()` is false and `transaction_read_only` is off. Consecutive writable
+/// Attempts a write on every instance every ~50 ms (each on its own task, with 1 s connect and
+/// query timeouts and a kept session that is dropped on any failure). An instance counts as
+/// writable when the write was acknowledged. Consecutive writable
 /// answers form a stretch; two instances whose stretches make them writable at the same moment
 /// are a split brain.
 pub struct SplitBrainChecker {
@@ -1228,7 +1248,15 @@ impl SplitBrainChecker {
         let tasks = instances
             .iter()
             .enumerate()
-            .map(|(i, (_, port))| tokio::spawn(poll_loop(i, *port, stop.clone(), state.clone())))
+            .map(|(i, (name, port))| {
+                tokio::spawn(poll_loop(
+                    i,
+                    name.clone(),
+                    *port,
+                    stop.clone(),
+                    state.clone(),
+                ))
+            })
             .collect();
         SplitBrainChecker {
             names: instances.into_iter().map(|(name, _)| name).collect(),
@@ -1320,7 +1348,13 @@ impl Drop for SplitBrainChecker {
     }
 }
 
-async fn poll_loop(i: usize, port: u16, stop: Arc<AtomicBool>, state: Arc<Mutex<CheckerState>>) {
+async fn poll_loop(
+    i: usize,
+    name: String,
+    port: u16,
+    stop: Arc<AtomicBool>,
+    state: Arc<Mutex<CheckerState>>,
+) {
     let deadline = Instant::now() + BACKGROUND_LIMIT;
     let mut client: Option<tokio_postgres::Client> = None;
     while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
@@ -1329,7 +1363,7 @@ async fn poll_loop(i: usize, port: u16, stop: Arc<AtomicBool>, state: Arc<Mutex<
         }
         let start = Instant::now();
         let answer = match &client {
-            Some(c) => is_writable(c, Duration::from_secs(1)).await,
+            Some(c) => write_acknowledged(c, &name, Duration::from_secs(1)).await,
             None => None,
         };
         let end = Instant::now();
@@ -1361,7 +1395,7 @@ async fn poll_loop(i: usize, port: u16, stop: Arc<AtomicBool>, state: Arc<Mutex<
                 s.closed.push(st);
             }
         }
-        sleep(Duration::from_millis(100)).await;
+        sleep(Duration::from_millis(50)).await;
     }
     let mut s = state.lock().unwrap();
     if let Some(st) = s.open[i].take() {
