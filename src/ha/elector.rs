@@ -717,16 +717,13 @@ impl Elector {
         if self.foreign_primary(&primary, mine, tick, memory).await {
             return;
         }
-        // Only divergence is cured by a new copy; a standby that cannot connect (a password,
-        // a slot, pg_hba.conf, the network) would be recloned again and again, filling the
-        // volume with copies kept aside. It is reported and retried.
+        // A new copy cures divergence, never trouble connecting: a standby that cannot connect
+        // (a password, a slot, pg_hba.conf, the network) would be recloned again and again,
+        // filling the volume with copies kept aside. That is reported and retried.
         let evidence = match super::stream::classify(&self.server_log.recent()) {
             super::stream::Trouble::Diverged(line) => line,
-            trouble => {
-                let cause = match trouble {
-                    super::stream::Trouble::Connecting(line) => line,
-                    _ => "no divergence in Postgres's log".to_string(),
-                };
+            super::stream::Trouble::Unknown => "no message from Postgres says why".to_string(),
+            super::stream::Trouble::Connecting(cause) => {
                 let message = format!(
                     "{} has not streamed from the healthy primary {primary} for {STUCK_AFTER:?} and cannot connect: {cause}; retrying, not recloning",
                     self.me
@@ -815,6 +812,19 @@ impl Elector {
     async fn promote(&mut self, tick: &Tick, memory: &mut Memory, why: &str) {
         if tick.observed.local != Local::Replica {
             return; // a stopped or crashed holder is started by the next tick's decision
+        }
+        if !matches!(self.status.borrow().state, State::Running { .. }) {
+            // Still recovering to a consistent state, which may never come (the WAL it needs
+            // may be on an instance that is down): renewing the Lease meanwhile would keep
+            // everyone else from taking over. It is given up; this standby competes again
+            // once ready.
+            if self.lease.held_by_me() {
+                tracing::warn!(
+                    "cannot promote a standby that is not ready yet; giving the Lease up"
+                );
+                let _ = self.lease.release().await;
+            }
+            return;
         }
         let Some(sync) = self.first_sync(tick).await else {
             return;

@@ -7,13 +7,16 @@
 pub enum Trouble {
     Diverged(String),
     Connecting(String),
-    /// Nothing telling.
+    /// Nothing telling (divergence is often said at LOG level, which the recent-problems ring
+    /// does not keep): treated as divergence, as before this classification existed.
     Unknown,
 }
 
 /// Messages of the startup process and walreceiver that mean the histories differ.
 const DIVERGED: &[&str] = &[
     "is not a child of this server's history",
+    "is not in this server's history",
+    "forked off current database system timeline",
     "is ahead of the WAL flush position",
     "of the primary is behind recovery timeline",
     "no longer on the same timeline",
@@ -26,7 +29,6 @@ const CONNECTING: &[&str] = &[
     "pg_hba.conf rejects",
     "no pg_hba.conf entry",
     "replication slot",
-    "could not receive data from WAL stream",
     "terminating walreceiver due to timeout",
 ];
 
@@ -67,6 +69,11 @@ mod tests {
             Trouble::Diverged(timeline.into())
         );
         assert_eq!(classify(&lines(&[ahead])), Trouble::Diverged(ahead.into()));
+        let history = "could not receive data from WAL stream: ERROR:  requested starting point 0/6000000 on timeline 1 is not in this server's history";
+        assert_eq!(
+            classify(&lines(&[auth, history])),
+            Trouble::Diverged(history.into())
+        );
         let slot = "could not start WAL streaming: ERROR:  replication slot \"pgwarden_pg_1\" does not exist";
         assert_eq!(classify(&lines(&[slot])), Trouble::Connecting(slot.into()));
         assert_eq!(classify(&lines(&["checkpoint complete"])), Trouble::Unknown);

@@ -177,13 +177,15 @@ pub async fn connect_within(
 
 /// Attempts a write: an acknowledged commit on this instance makes it "writable" at that
 /// moment, whatever it says of itself (`pg_is_in_recovery()` can lag behind what it does).
+/// The refusals on read-only instances stay out of their logs (pgwarden reads them).
 async fn write_acknowledged(
     client: &tokio_postgres::Client,
     name: &str,
     within: Duration,
 ) -> Option<bool> {
     let write = format!(
-        "CREATE TABLE IF NOT EXISTS ha_split_brain_probe (instance text, at timestamptz DEFAULT now()); \
+        "SET log_min_messages = fatal; \
+         CREATE TABLE IF NOT EXISTS ha_split_brain_probe (instance text, at timestamptz DEFAULT now()); \
          INSERT INTO ha_split_brain_probe (instance) VALUES ('{name}')"
     );
     match timeout(within, client.batch_execute(&write)).await {
