@@ -904,7 +904,18 @@ async fn asynchronous_hand_overs_need_no_fence() {
 
     let first = c.wait_primary(LONG).await;
     let second = c.others(first)[0];
-    c.annotate(SWITCHOVER_TO, Some(c.name(second)));
+    // A switchover to a standby that is not caught up yet is refused (the annotation goes,
+    // with an Event); a user asks again.
+    for _ in 0..5 {
+        c.annotate(SWITCHOVER_TO, Some(c.name(second)));
+        eventually("the switchover done or refused", LONG, async || {
+            c.annotation(SWITCHOVER_TO).is_none().then_some(())
+        })
+        .await;
+        if c.primary().await == Some(second) {
+            break;
+        }
+    }
     assert_eq!(c.wait_new_primary(first, LONG).await, second);
     assert_eq!(c.wait_streaming(first, LONG).await, second);
     writer.wait_progress(20, LONG).await;

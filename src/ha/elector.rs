@@ -569,10 +569,15 @@ impl Elector {
                         synchronous_standby_names: quorum::standby_names(&sync),
                     };
                     match self.postmaster.set_replication(replication).await {
-                        Ok(()) => {
+                        // In force once Postgres shows it, not when the SIGHUP was sent: a
+                        // smaller set published next must never precede it.
+                        Ok(()) if self.in_force(quorum::standby_names(&sync)).await => {
                             tracing::info!(synchronous_standby_names = ?quorum::standby_names(&sync), "synchronous standbys set");
                             memory.applied = sync;
                         }
+                        Ok(()) => tracing::info!(
+                            "synchronous standbys sent, not yet in force; checking again next time"
+                        ),
                         Err(e) => {
                             tracing::error!(error = %e, "cannot set the synchronous standbys")
                         }
@@ -764,6 +769,29 @@ impl Elector {
             }
             Err(e) => tracing::error!(error = %e, "cannot move the data directory aside"),
         }
+    }
+
+    /// Whether Postgres shows `names` as its `synchronous_standby_names` (read on a new
+    /// session, which sees the configuration the postmaster reloaded), within about a second.
+    async fn in_force(&self, names: Option<String>) -> bool {
+        let want = names.unwrap_or_default();
+        let target = crate::postgres::connect::Target::admin(&self.pg);
+        for _ in 0..20 {
+            if let Ok(conn) = crate::postgres::connect::connect_timeout(&target).await {
+                let shown = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    conn.query_one("SHOW synchronous_standby_names", &[]),
+                )
+                .await;
+                if let Ok(Ok(row)) = shown {
+                    if row.try_get::<_, String>(0).is_ok_and(|v| v == want) {
+                        return true;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
     }
 
     /// Standbys streaming from this primary right now.

@@ -228,14 +228,7 @@ async fn bounded<T>(
 /// On the primary: one physical slot per standby in `wanted`; slots of instances that left
 /// (pgwarden's own slots only, never a user's) are dropped when inactive.
 pub async fn sync_slots(pg: &PostgresConfig, wanted: &[String]) -> Result<(), String> {
-    let target = Target {
-        socket_dir: &pg.run_dir,
-        port: pg.port,
-        user: &pg.superuser,
-        dbname: "postgres",
-        application_name: "pgwarden",
-        statement_timeout: Duration::from_secs(5),
-    };
+    let target = Target::admin(pg);
     let conn = connect_timeout(&target).await.map_err(|e| e.to_string())?;
     let rows = bounded(conn.query(
         "SELECT slot_name::text, active FROM pg_replication_slots WHERE slot_type = 'physical' AND slot_name LIKE 'pgwarden\\_%'",

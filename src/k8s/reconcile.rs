@@ -274,14 +274,7 @@ impl Reconciler {
         // The postmaster handles SIGHUP asynchronously; a backend started after it sees the
         // new file.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let target = Target {
-            socket_dir: &self.base.run_dir,
-            port: self.base.port,
-            user: &self.base.superuser,
-            dbname: "postgres",
-            application_name: "pgwarden",
-            statement_timeout: Duration::from_secs(5),
-        };
+        let target = Target::admin(&self.base);
         let Ok(conn) = connect_timeout(&target).await else {
             return Vec::new();
         };

@@ -141,14 +141,7 @@ impl SecretsTask {
     }
 
     async fn apply(&self, purpose: Purpose, password: &str) -> Result<String, String> {
-        let target = Target {
-            socket_dir: &self.pg.run_dir,
-            port: self.pg.port,
-            user: &self.pg.superuser,
-            dbname: "postgres",
-            application_name: "pgwarden",
-            statement_timeout: Duration::from_secs(5),
-        };
+        let target = Target::admin(&self.pg);
         let conn = connect_timeout(&target).await.map_err(|e| e.to_string())?;
         let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
         let (role, setup) = match purpose {

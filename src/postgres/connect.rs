@@ -43,6 +43,21 @@ pub struct Target<'a> {
     pub statement_timeout: Duration,
 }
 
+impl<'a> Target<'a> {
+    /// pgwarden's own superuser session on the `postgres` database of the instance `pg`
+    /// describes, statements bounded by 5 s.
+    pub fn admin(pg: &'a crate::config::PostgresConfig) -> Target<'a> {
+        Target {
+            socket_dir: &pg.run_dir,
+            port: pg.port,
+            user: &pg.superuser,
+            dbname: "postgres",
+            application_name: "pgwarden",
+            statement_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
 /// Opens a connection and drives it on a background task.
 pub async fn connect(t: &Target<'_>) -> Result<Connection, tokio_postgres::Error> {
     let mut cfg = tokio_postgres::Config::new();

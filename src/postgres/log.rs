@@ -268,7 +268,12 @@ impl Record {
 
     fn is_problem(&self) -> bool {
         let stderr = self.fields.get("stream") == Some(&json!("stderr"));
-        stderr || matches!(self.level(), "ERROR" | "WARN")
+        // A standby says that its history forked off the primary's at LOG level; it is the
+        // problem the HA watchdog must see (see `ha::stream`).
+        let diverged = self
+            .message
+            .contains("forked off current database system timeline");
+        stderr || diverged || matches!(self.level(), "ERROR" | "WARN")
     }
 
     fn summary(&self) -> String {

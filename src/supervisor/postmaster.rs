@@ -521,15 +521,7 @@ impl Actor {
             return Ok(());
         }
         self.render()?;
-        let s = &self.spec.settings;
-        let target = crate::postgres::connect::Target {
-            socket_dir: &s.run_dir,
-            port: s.port,
-            user: &s.superuser,
-            dbname: "postgres",
-            application_name: "pgwarden",
-            statement_timeout: Duration::from_secs(5),
-        };
+        let target = crate::postgres::connect::Target::admin(&self.spec.settings);
         let conn = crate::postgres::connect::connect_timeout(&target)
             .await
             .map_err(|e| format!("cannot check pg_hba.conf: {e}"))?;
