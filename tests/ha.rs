@@ -1133,10 +1133,20 @@ async fn standbys_that_cannot_connect_are_not_recloned() {
         (!rows.is_empty()).then_some(())
     })
     .await;
-    primary
-        .batch_execute("SELECT pg_terminate_backend(pid) FROM pg_stat_replication")
-        .await
-        .expect("end the walsenders");
+    // Until none is back: a standby may reconnect before the postmaster has reloaded.
+    eventually("no standby streaming any more", LONG, async || {
+        primary
+            .batch_execute("SELECT pg_terminate_backend(pid) FROM pg_stat_replication")
+            .await
+            .ok()?;
+        sleep(Duration::from_secs(1)).await;
+        let rows = primary
+            .query("SELECT 1 FROM pg_stat_replication", &[])
+            .await
+            .ok()?;
+        rows.is_empty().then_some(())
+    })
+    .await;
     let events = |reason: &str| {
         c.server
             .list("events.k8s.io/v1", "events", NS)
