@@ -41,11 +41,9 @@ TARGET_RSS_MIB=15
 TARGET_IDLE_CPU_PCT=0.2
 TARGET_OVERHEAD_MS=100
 
-die() {
-  echo "startup.sh: $*" >&2
-  exit 1
-}
-log() { echo "-- $*" >&2; }
+# die, log, free_ports, as_pg and the process bookkeeping.
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh"
 
 for v in RUNS INIT_RUNS IDLE_SECONDS RSS_DELAY POLL_MS START_TIMEOUT; do
   [[ ${!v} =~ ^[0-9]+$ ]] || die "BENCH_$v must be a whole number (got ${!v})"
@@ -64,8 +62,6 @@ export PGWARDEN_LOG_FORMAT=json PGWARDEN_LOG_LEVEL=info
 
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
-# shellcheck source=bench/lib.sh
-. "$REPO/bench/lib.sh"
 
 # ---------------------------------------------------------------------------------------
 # Cleanup: every process and directory this script makes.
@@ -82,12 +78,8 @@ cleanup() {
   for pid in ${PIDS[@]+"${PIDS[@]}"} $(our_postmasters); do
     gone "$pid" || signal_pid "$pid" QUIT
   done
-  for pid in ${PIDS[@]+"${PIDS[@]}"} $(our_postmasters); do
-    if ! wait_gone "$pid" 10; then
-      signal_pid "$pid" KILL
-      wait_gone "$pid" 5 || echo "startup.sh: could not stop process $pid" >&2
-    fi
-  done
+  # shellcheck disable=SC2046 # one pid per word
+  reap_pids startup.sh ${PIDS[@]+"${PIDS[@]}"} $(our_postmasters)
   [ -z "$TMP" ] || [ ! -d "$TMP" ] || rm -rf -- "$TMP"
   [ -n "$SLEEP_FD" ] && exec {SLEEP_FD}>&- 2>/dev/null
   exit "$rc"
@@ -114,8 +106,8 @@ stats() {
 # ---------------------------------------------------------------------------------------
 # Build.
 # ---------------------------------------------------------------------------------------
-log "building pgwarden (cargo build --release)"
-cargo build --release --quiet >&2 || die "cargo build --release failed"
+log "building pgwarden as the image does (cargo build --release --no-default-features)"
+cargo build --release --no-default-features --quiet >&2 || die "cargo build --release failed"
 if [ -n "${CARGO_TARGET_DIR:-}" ]; then
   TARGET_DIR=$CARGO_TARGET_DIR
 else
@@ -148,23 +140,8 @@ BIN=$TMP/bin/pgwarden
 [ ${#AS_PG[@]} -eq 0 ] || chown -R "$BENCH_USER:" "$TMP"
 cd "$TMP" # a working directory the unprivileged user can enter
 
-free_port() {
-  local p
-  if command -v python3 >/dev/null; then
-    p=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' 2>/dev/null) &&
-      [ -n "$p" ] && { echo "$p"; return; }
-  fi
-  for _ in $(seq 100); do
-    p=$((20000 + RANDOM % 40000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
-  done
-  die "no free port found"
-}
-PORT=$(free_port)
-STATUS_PORT=$(free_port)
-METRICS_PORT=$(free_port)
-while [ "$STATUS_PORT" = "$PORT" ]; do STATUS_PORT=$(free_port); done
-while [ "$METRICS_PORT" = "$PORT" ] || [ "$METRICS_PORT" = "$STATUS_PORT" ]; do METRICS_PORT=$(free_port); done
+free_ports 3
+PORT=${FREE_PORTS[0]} STATUS_PORT=${FREE_PORTS[1]} METRICS_PORT=${FREE_PORTS[2]}
 
 DATA=$TMP/data              # the existing cluster every "existing data directory" run uses
 PGW_RUN=$TMP/run            # pgwarden's run_dir (socket + log pipes)

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Helpers of bench/wal_archive.sh (standard library only).
 
-  proxy   --listen PORT --target PORT --delay-ms N
+  proxy   --listen PORT --target PORT --delay-ms N [--tls-cert PEM --tls-key PEM]
           TCP proxy on 127.0.0.1 that holds the first byte of every response for N ms: a fixed
-          added latency per request, like a remote object store.
+          added latency per request, like a remote object store. With a certificate it also
+          terminates TLS (for clients that speak S3 only over HTTPS, such as pgBackRest).
   sample  --status-port P --out CSV --stop-file F [--interval S]
           polls pgwarden's /pg/status until F exists; one CSV row per poll:
           unix_time, ready_count, archived_count, failed_count
@@ -16,6 +17,8 @@ import asyncio
 import csv
 import json
 import os
+import socket
+import ssl
 import sys
 import time
 import urllib.request
@@ -42,13 +45,19 @@ async def pipe(reader, writer, on_data):
             pass
 
 
-async def proxy(listen, target, delay):
+async def proxy(listen, target, delay, tls=None):
     async def handle(cr, cw):
         try:
             sr, sw = await asyncio.open_connection("127.0.0.1", target)
         except OSError:
             cw.close()
             return
+        # No Nagle on either leg: a response's header and body are separate writes, and
+        # holding the second for the client's delayed ACK would add ~40 ms per request.
+        for w in (cw, sw):
+            sock = w.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         state = {"request_pending": False}
 
         async def upstream(_):
@@ -62,7 +71,11 @@ async def proxy(listen, target, delay):
 
         await asyncio.gather(pipe(cr, sw, upstream), pipe(sr, cw, downstream))
 
-    server = await asyncio.start_server(handle, "127.0.0.1", listen)
+    context = None
+    if tls:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(*tls)
+    server = await asyncio.start_server(handle, "127.0.0.1", listen, ssl=context)
     async with server:
         await server.serve_forever()
 
@@ -189,6 +202,8 @@ def main():
     a.add_argument("--listen", type=int, required=True)
     a.add_argument("--target", type=int, required=True)
     a.add_argument("--delay-ms", type=float, required=True)
+    a.add_argument("--tls-cert")
+    a.add_argument("--tls-key")
     a = sub.add_parser("sample")
     a.add_argument("--status-port", type=int, required=True)
     a.add_argument("--out", required=True)
@@ -202,7 +217,8 @@ def main():
     args = p.parse_args()
     if args.cmd == "proxy":
         try:
-            asyncio.run(proxy(args.listen, args.target, args.delay_ms / 1000.0))
+            tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
+            asyncio.run(proxy(args.listen, args.target, args.delay_ms / 1000.0, tls))
         except KeyboardInterrupt:
             pass
     elif args.cmd == "sample":

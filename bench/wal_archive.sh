@@ -63,7 +63,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 log "building pgwarden (release)"
-cargo build --release --quiet
+cargo build --release --no-default-features --quiet
 BIN="${CARGO_TARGET_DIR:-$REPO/target}/release/pgwarden"
 [ -x "$BIN" ] || die "no binary at $BIN"
 

@@ -126,8 +126,8 @@ context=$work/context
 mkdir -p "$context"
 if [ -z "$binary" ]; then
   started=$(date +%s)
-  log "cargo build --release"
-  (cd "$repo" && cargo build --release --locked)
+  log "cargo build --release --no-default-features"
+  (cd "$repo" && cargo build --release --locked --no-default-features)
   binary=${CARGO_TARGET_DIR:-$repo/target}/release/pgwarden
   log "built in $(elapsed "$started")"
 fi

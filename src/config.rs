@@ -55,6 +55,8 @@ pub struct Config {
     pub probes: ProbesConfig,
     pub kubernetes: KubernetesConfig,
     pub wal: WalConfig,
+    /// Scheduled base backups (`crate::backup::schedule`).
+    pub backup: crate::backup::schedule::BackupConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -85,6 +87,10 @@ pub struct PostgresConfig {
     /// Streaming and synchronous replication, owned by the HA elector (never from the file).
     #[serde(skip)]
     pub replication: crate::postgres::conf::Replication,
+    /// TLS, from `spec.postgresql.tls` and the certificates pgwarden issued (never from the
+    /// file).
+    #[serde(skip)]
+    pub ssl: crate::postgres::conf::Ssl,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -175,8 +181,9 @@ pub struct KubernetesConfig {
     pub api_timeout: Duration,
 }
 
-/// WAL archiving (`[wal]`): off while `destination` is unset.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// WAL archiving (`[wal]`): off while `destination` is unset. Also the tuning part of the
+/// settings file the `wal-archive` and `wal-restore` commands read (`wal::Settings`).
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct WalConfig {
     /// `file:///absolute/path` or `s3://bucket/optional/prefix`; archiving is off when unset.
@@ -306,6 +313,7 @@ impl Default for Config {
             probes: ProbesConfig::default(),
             kubernetes: KubernetesConfig::default(),
             wal: WalConfig::default(),
+            backup: Default::default(),
         }
     }
 }
@@ -334,6 +342,7 @@ impl Default for PostgresConfig {
             pg_hba: Vec::new(),
             archive: None,
             replication: Default::default(),
+            ssl: Default::default(),
         }
     }
 }
@@ -495,6 +504,9 @@ impl Config {
         self.wal
             .validate()
             .map_err(|(key, message)| ConfigError::key(format!("wal.{key}"), message))?;
+        self.backup
+            .validate()
+            .map_err(|(key, message)| ConfigError::key(format!("backup.{key}"), message))?;
         if let Some(spool) = &self.wal.spool_dir {
             crate::wal::check_spool_dir(spool, &pg.data_dir)
                 .map_err(|message| ConfigError::key("wal.spool_dir", message))?;

@@ -3,7 +3,9 @@
 //! The binary (`src/main.rs`) is a thin command line over these modules; they are a library
 //! so that integration tests can drive the pure decisions and the API clients directly.
 
+pub mod backup;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod ha;
 pub mod health;
@@ -15,4 +17,5 @@ pub mod monitor;
 pub mod postgres;
 pub mod run;
 pub mod supervisor;
+pub mod tls;
 pub mod wal;

@@ -80,6 +80,7 @@ enum Cmd {
     },
     /// A three-instance cluster on this machine, without Kubernetes: real PostgreSQL, an
     /// embedded API server, failover on demand (type `kill`). Ctrl-C stops it all.
+    #[cfg(feature = "demo")]
     Demo {
         /// Directory for the instances' files (new or empty; kept at the end). Default: a new
         /// temporary directory, removed at the end.
@@ -90,6 +91,12 @@ enum Cmd {
         #[arg(long, default_value_t = 15432)]
         base_port: u16,
     },
+    /// Base backups into the WAL archive's destination: take one of the local instance, or
+    /// list, verify and prune the destination's.
+    Backup(pgwarden::backup::cli::BackupArgs),
+    /// Restore a base backup into an empty data directory and recover it to a target (a
+    /// time, an LSN, a restore point, the end of the backup, or the end of the archive).
+    Restore(pgwarden::backup::cli::RestoreArgs),
     /// Restore one WAL file from the archive (Postgres's restore_command).
     WalRestore {
         #[arg(long)]
@@ -105,6 +112,7 @@ fn main() {
     let cli = Cli::parse();
     // The demo's output is for people: its own log and its instances' logs are human-readable.
     let log_format = match cli.command {
+        #[cfg(feature = "demo")]
         Cmd::Demo { .. } => LogFormat::Human,
         _ => cli.log_format,
     };
@@ -119,6 +127,7 @@ fn main() {
             0
         }
         Cmd::Run { config } => run_main(config, cli.log_format),
+        #[cfg(feature = "demo")]
         Cmd::Demo { dir, base_port } => pgwarden::demo::main(pgwarden::demo::Options {
             dir,
             base_port,
@@ -135,6 +144,8 @@ fn main() {
             to,
             timeout,
         }),
+        Cmd::Backup(args) => pgwarden::backup::cli::backup(args),
+        Cmd::Restore(args) => pgwarden::backup::cli::restore(args),
         Cmd::WalArchive { settings, path } => {
             pgwarden::wal::commands::wal_archive(&settings, &path)
         }

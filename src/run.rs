@@ -67,6 +67,8 @@ pub async fn run(opts: Options) -> anyhow::Result<i32> {
         freshness: monitor::freshness(&config.monitor),
     };
     let observations = monitor.observation.clone();
+    // Filled by the TLS task (Kubernetes only); read by the HTTP servers from the start.
+    let (tls_tx, tls_rx) = watch::channel(None);
     let state = http::AppState {
         inner: Arc::new(http::Shared {
             instance: config.instance_name.clone(),
@@ -79,6 +81,7 @@ pub async fn run(opts: Options) -> anyhow::Result<i32> {
             assessor,
             kubernetes: std::sync::OnceLock::new(),
             wal: std::sync::OnceLock::new(),
+            tls: tls_rx,
             scrape_wait: config.http.request_timeout / 2,
         }),
     };
@@ -166,8 +169,17 @@ pub async fn run(opts: Options) -> anyhow::Result<i32> {
         cluster_queries: cluster_queries_tx,
         max_standby_lag: max_lag_tx,
         wal: wal.clone(),
+        tls: tls_tx,
     })
     .await?;
+    crate::backup::schedule::start(
+        &config,
+        reaper.clone(),
+        wal.clone(),
+        state.inner.monitor.observation.clone(),
+        &state.inner.metrics,
+        kubernetes.clone(),
+    )?;
     let mut elector = None;
     if let Some(k) = kubernetes {
         if let Some(w) = &wal {

@@ -217,7 +217,7 @@ fn unknown_fields_are_pruned_and_defaults_filled_in() {
     assert_eq!(spec.get("bogus"), None);
     assert_eq!(
         spec["postgresql"],
-        json!({"parameters": {"work_mem": "4MB", "max_connections": 50}, "pgHba": []})
+        json!({"parameters": {"work_mem": "4MB", "max_connections": 50}, "pgHba": [], "tls": {"mode": "off", "replicationAuth": "password"}})
     );
     // A given object gets the defaults of its missing fields, a missing one its own default.
     assert_eq!(

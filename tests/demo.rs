@@ -1,7 +1,8 @@
 //! `pgwarden demo` end to end, as a newcomer drives it: it starts three instances with real
 //! PostgreSQL against its embedded API server and reports the primary; `kill` on its stdin
 //! kills the primary, a standby takes over and the old primary rejoins as a standby; Ctrl-C
-//! (SIGINT) stops everything, the demo exits 0, and no process of it is left.
+//! (SIGINT) stops everything, the demo exits 0, and no process of it is left. Before the
+//! kill, `backup` and `restore TIME` bring a dropped table back in a new instance.
 
 mod support;
 
@@ -191,6 +192,102 @@ fn processes_of(dir: &Path) -> Vec<i32> {
         .collect()
 }
 
+/// The Postgres port the banner gives for `name` (`psql "host=127.0.0.1 port=<port> ...`).
+fn psql_port(said: &[String], name: &str) -> u16 {
+    let line = said
+        .iter()
+        .rev()
+        .find(|l| l.trim_start().starts_with(&format!("{name} ")) && l.contains("psql"))
+        .unwrap_or_else(|| panic!("no psql line for {name} in {said:#?}"));
+    let after = line.split(" port=").nth(1).unwrap();
+    after.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// One value (as text) of `sql` on `port`, retried while Postgres is not there yet.
+fn query(rt: &tokio::runtime::Runtime, port: u16, password: &str, sql: &str) -> String {
+    rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match support::connect_as(port, "postgres", password).await {
+                Ok(c) => {
+                    let rows = c
+                        .simple_query(sql)
+                        .await
+                        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+                    return rows
+                        .iter()
+                        .find_map(|m| match m {
+                            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                                r.get(0).map(str::to_string)
+                            }
+                            _ => None,
+                        })
+                        .unwrap_or_default();
+                }
+                Err(e) if Instant::now() > deadline => panic!("port {port}: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    })
+}
+
+/// Drop a table, get it back: `backup`, rows, a time, `DROP TABLE`, `restore TIME`.
+fn drop_a_table_and_get_it_back(demo: &mut Demo, primary: &str) {
+    let said = demo.said();
+    let password = said
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("the superuser is postgres, password ")?
+                .split_whitespace()
+                .next()
+                .map(str::to_string)
+        })
+        .expect("the password in the banner");
+    let port = psql_port(&said, primary);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    query(
+        &rt,
+        port,
+        &password,
+        "CREATE TABLE t AS SELECT generate_series(1, 10) AS i",
+    );
+    let failed =
+        |l: &str| l.starts_with("the backup failed") || l.starts_with("the restore failed");
+    let before = demo.said().len();
+    demo.send("backup");
+    let (_, done) = demo.wait_said(before, "after the backup", Duration::from_secs(120), |l| {
+        (l.starts_with("backup complete") || failed(l)).then(|| l.to_string())
+    });
+    assert!(done.starts_with("backup complete"), "{done}");
+    query(
+        &rt,
+        port,
+        &password,
+        "INSERT INTO t SELECT generate_series(11, 20)",
+    );
+    let t = query(
+        &rt,
+        port,
+        &password,
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    );
+    query(&rt, port, &password, "DROP TABLE t");
+    let before = demo.said().len();
+    demo.send(&format!("restore {t}"));
+    let (_, line) = demo.wait_said(before, "after the restore", Duration::from_secs(180), |l| {
+        (l.trim_start().starts_with("pg-restored ") || failed(l)).then(|| l.to_string())
+    });
+    assert!(!failed(&line), "{line}");
+    let restored = psql_port(&demo.said(), "pg-restored");
+    assert_eq!(
+        query(&rt, restored, &password, "SELECT count(*) FROM t"),
+        "20"
+    );
+}
+
 fn primary_named(line: &str) -> Option<String> {
     let rest = line.strip_prefix("primary is now ")?;
     Some(rest.split_whitespace().next()?.to_string())
@@ -235,6 +332,8 @@ fn demo_fails_over_on_kill_and_stops_without_leftovers() {
     let (code, status) = support::http_json(status_port(&said, &first), "/pg/status");
     assert_eq!(code, 200);
     assert_eq!(status["ha"]["role"], "primary", "{status}");
+
+    drop_a_table_and_get_it_back(&mut demo, &first);
 
     // A lost node: the primary killed, another instance takes over.
     let before_kill = demo.said().len();

@@ -4,10 +4,13 @@
 //! commits lost. It prints figures rather than asserting them, so it is `#[ignore]`d: run it
 //! with `cargo test --release --test ha_bench -- --ignored --nocapture --test-threads=1`.
 //!
-//! One cluster with the default failover timings (Lease 10 s, renew deadline 6 s, retry 2 s)
-//! and quorum commit with one synchronous standby. A timed writer inserts increasing ids on
-//! whichever instance takes them and records when each commit was acknowledged; every figure
-//! comes from those acknowledgements:
+//! One cluster at pgwarden's default instance configuration (monitor 2 s, `api_timeout` 5 s),
+//! as users run it, with the default failover timings (Lease 10 s, renew deadline 6 s, retry
+//! 2 s) and quorum commit with one synchronous standby. `PGW_BENCH_MODE=async` measures
+//! asynchronous replication instead; `PGW_BENCH_PROFILE=fast` the fast profile (Lease 5 s,
+//! renew deadline 3 s, retry 1 s, with `kubernetes.api_timeout` 2 s, which must stay under the
+//! renew deadline). A timed writer inserts increasing ids on whichever instance takes them and
+//! records when each commit was acknowledged; every figure comes from those acknowledgements:
 //!
 //! - recovery time (pod loss, hung primary, Postgres crash): from the failure to the first
 //!   acknowledged write after it (on another instance for the first two);
@@ -24,6 +27,12 @@
 //! the primary before each run; `PGW_BENCH_SCENARIOS` selects some of them. After each run every
 //! id acknowledged so far is looked up on the primary. Every wait is bounded (`LONG`): a run
 //! that hangs panics, naming what it waited for, and the instances' logs are printed.
+//!
+//! At the end, with the writer stopped and every instance streaming, the footprint of each
+//! pgwarden process alone (not Postgres): `VmRSS`, and its CPU time (utime + stime of all its
+//! threads) over `PGW_BENCH_IDLE_SECONDS` (default 60; 0 skips it) as a percentage of one core.
+//! Besides the tables, every figure is printed as a `ha-bench-figure` line for `bench/ha.sh
+//! --with-patroni`, which sets the same figures of Patroni beside them.
 
 mod support;
 
@@ -57,11 +66,82 @@ const SETTLE_WRITES: usize = 20;
 /// first crash within the window (restarted after the initial 500 ms backoff) instead of a
 /// crash loop whose backoff doubles and which gives the Lease up at the fourth crash.
 const CRASH_WINDOW: Duration = Duration::from_secs(5);
-/// Defaults of `spec.failover` (the harness's cluster object uses faster ones).
-const LEASE_SECONDS: u64 = 10;
-const RENEW_DEADLINE_SECONDS: u64 = 6;
-const RETRY_PERIOD_SECONDS: u64 = 2;
 const TABLE: &str = "bench_writes";
+
+/// What `PGW_BENCH_MODE` and `PGW_BENCH_PROFILE` select.
+#[derive(Debug, Clone, Copy)]
+struct Setup {
+    /// Quorum commit (ANY 1, never degraded) rather than asynchronous replication.
+    quorum: bool,
+    /// `spec.failover`: lease duration, renew deadline and retry period, in seconds.
+    lease: u64,
+    renew_deadline: u64,
+    retry: u64,
+    /// `kubernetes.api_timeout` when it differs from pgwarden's default (5 s).
+    api_timeout: Option<&'static str>,
+}
+
+impl Setup {
+    fn from_env() -> Setup {
+        let quorum = match std::env::var("PGW_BENCH_MODE").as_deref() {
+            Err(_) | Ok("quorum") => true,
+            Ok("async") => false,
+            Ok(other) => panic!("PGW_BENCH_MODE must be quorum or async, not {other:?}"),
+        };
+        match std::env::var("PGW_BENCH_PROFILE").as_deref() {
+            // The defaults of `spec.failover` and of pgwarden's configuration.
+            Err(_) | Ok("default") => Setup {
+                quorum,
+                lease: 10,
+                renew_deadline: 6,
+                retry: 2,
+                api_timeout: None,
+            },
+            // pgwarden refuses a renew deadline that is not longer than its api_timeout.
+            Ok("fast") => Setup {
+                quorum,
+                lease: 5,
+                renew_deadline: 3,
+                retry: 1,
+                api_timeout: Some("2s"),
+            },
+            Ok(other) => panic!("PGW_BENCH_PROFILE must be default or fast, not {other:?}"),
+        }
+    }
+
+    fn mode(self) -> &'static str {
+        if self.quorum {
+            "quorum"
+        } else {
+            "async"
+        }
+    }
+
+    fn profile(self) -> &'static str {
+        if self.api_timeout.is_some() {
+            "fast"
+        } else {
+            "default"
+        }
+    }
+
+    fn describe(self) -> String {
+        format!(
+            "profile {}: lease {} s / renew deadline {} s / retry {} s, api_timeout {}, monitor 2 s \
+             (pgwarden's defaults otherwise); {}",
+            self.profile(),
+            self.lease,
+            self.renew_deadline,
+            self.retry,
+            self.api_timeout.unwrap_or("5s"),
+            if self.quorum {
+                "quorum commit (ANY 1)"
+            } else {
+                "asynchronous replication"
+            }
+        )
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // The timed writer.
@@ -354,10 +434,14 @@ async fn answering_again(port: u16, t0: Instant) -> Duration {
 }
 
 /// Polls the primary on `port` every 20 ms (for at most a minute) until a standby streams to it
-/// as a synchronous (quorum) standby. Returns when that was first seen, and when the last poll
+/// as a synchronous (quorum) standby (at once `(None, None)` with asynchronous replication). Returns when that was first seen, and when the last poll
 /// that saw none was sent: a write that primary acknowledged before then had no standby to
 /// confirm it.
-async fn watch_sync(port: u16) -> (Option<Instant>, Option<Instant>) {
+async fn watch_sync(port: u16, quorum: bool) -> (Option<Instant>, Option<Instant>) {
+    if !quorum {
+        // No synchronous standby to wait for.
+        return (None, None);
+    }
     let sql = "SELECT count(*) FROM pg_stat_replication \
                WHERE state = 'streaming' AND sync_state IN ('sync', 'quorum')";
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -380,6 +464,41 @@ async fn watch_sync(port: u16) -> (Option<Instant>, Option<Instant>) {
         sleep(Duration::from_millis(20)).await;
     }
     (None, last_none)
+}
+
+/// How many "switchover refused" records every instance has logged so far.
+fn refusals(c: &Cluster) -> usize {
+    (0..c.len())
+        .map(|i| c.output(i).matches("switchover refused").count())
+        .sum()
+}
+
+/// After a switchover request at `t0` (with `before` refusals logged until then): the first
+/// acknowledged write on another instance than `p`, or None once a new refusal is logged and
+/// no such write came.
+async fn switched_or_refused(
+    c: &Cluster,
+    w: &TimedWriter,
+    p: usize,
+    t0: Instant,
+    before: usize,
+) -> Option<Ack> {
+    let deadline = Instant::now() + LONG;
+    loop {
+        if let Some(a) = w.first_after(t0, &|a: &Ack| a.on != p) {
+            return Some(a);
+        }
+        if refusals(c) > before {
+            return None;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "timed out after {LONG:?} waiting for the switchover or its refusal\n{}",
+                c.describe().await
+            );
+        }
+        sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The standby of `p` with the most WAL replayed.
@@ -529,9 +648,9 @@ impl Scenario {
     }
 
     /// The target in seconds, and whether it is "at most" (true) or "under" (false).
-    fn target(self) -> (f64, bool) {
+    fn target(self, setup: Setup) -> (f64, bool) {
         match self {
-            Scenario::PodLoss | Scenario::Hung => ((LEASE_SECONDS + 2) as f64, true),
+            Scenario::PodLoss | Scenario::Hung => ((setup.lease + 2) as f64, true),
             Scenario::Crash => (3.0, false),
             Scenario::Switchover | Scenario::Sigterm => (2.0, false),
         }
@@ -580,11 +699,17 @@ fn median(sorted: &[f64]) -> f64 {
     }
 }
 
-fn print_table(figures: &[(Scenario, Figures)], runs: usize, total_acks: usize, lost: usize) {
+fn print_table(
+    setup: Setup,
+    figures: &[(Scenario, Figures)],
+    runs: usize,
+    total_acks: usize,
+    lost: usize,
+) {
     println!();
     println!(
-        "HA figures: 3 instances, lease {LEASE_SECONDS} s / renew deadline {RENEW_DEADLINE_SECONDS} s / \
-         retry {RETRY_PERIOD_SECONDS} s, quorum commit (ANY 1), {runs} runs per scenario"
+        "HA figures: 3 instances, {}, {runs} runs per scenario",
+        setup.describe()
     );
     println!(
         "{:<42} {:>4} {:>7} {:>7} {:>7} {:>7} {:>8} {:>5}  verdict (max)",
@@ -593,7 +718,7 @@ fn print_table(figures: &[(Scenario, Figures)], runs: usize, total_acks: usize, 
     for (s, f) in figures {
         let mut v = f.seconds.clone();
         v.sort_by(f64::total_cmp);
-        let (target, at_most) = s.target();
+        let (target, at_most) = s.target(setup);
         let target_text = format!("{}{target:.0} s", if at_most { "<=" } else { "<" });
         if v.is_empty() {
             println!("{:<42} {:>4} {:>39}", s.label(), 0, "-");
@@ -679,19 +804,33 @@ async fn ha_figures() {
             .collect(),
         Err(_) => Scenario::ALL.to_vec(),
     };
+    let idle_seconds: u64 = match std::env::var("PGW_BENCH_IDLE_SECONDS") {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("PGW_BENCH_IDLE_SECONDS must be a whole number, not {v:?}")),
+        Err(_) => 60,
+    };
+    let setup = Setup::from_env();
+    eprintln!("ha-bench: {}", setup.describe());
     let started = Instant::now();
+    // Keys before the first table header land in [kubernetes] (see Cluster::spawn).
     let extra = format!(
-        "[supervision]\ncrash_window = \"{}s\"\n",
+        "{}[supervision]\ncrash_window = \"{}s\"\n",
+        setup
+            .api_timeout
+            .map_or_else(String::new, |t| format!("api_timeout = \"{t}\"\n")),
         CRASH_WINDOW.as_secs()
     );
-    let mut c = Cluster::start_with(
+    let mut c = Cluster::start_at_defaults_with(
         3,
         |spec| {
-            quorum(spec);
+            if setup.quorum {
+                quorum(spec);
+            }
             spec["failover"] = json!({
-                "leaseDurationSeconds": LEASE_SECONDS,
-                "renewDeadlineSeconds": RENEW_DEADLINE_SECONDS,
-                "retryPeriodSeconds": RETRY_PERIOD_SECONDS,
+                "leaseDurationSeconds": setup.lease,
+                "renewDeadlineSeconds": setup.renew_deadline,
+                "retryPeriodSeconds": setup.retry,
             });
         },
         &extra,
@@ -736,7 +875,7 @@ async fn ha_figures() {
                         a.at.duration_since(t0).as_secs_f64()
                     );
                     c.restart(p);
-                    let sync = watch_sync(c.port(a.on)).await;
+                    let sync = watch_sync(c.port(a.on), setup.quorum).await;
                     Outcome { t0, first: a, sync }
                 }
                 Scenario::Hung => {
@@ -750,7 +889,7 @@ async fn ha_figures() {
                         a.at.duration_since(t0).as_secs_f64()
                     );
                     let port = c.port(a.on);
-                    let (_, sync) = tokio::join!(c.cont_node(p), watch_sync(port));
+                    let (_, sync) = tokio::join!(c.cont_node(p), watch_sync(port, setup.quorum));
                     Outcome { t0, first: a, sync }
                 }
                 Scenario::Crash => {
@@ -798,23 +937,42 @@ async fn ha_figures() {
                         crashes_in_window(&c.output(p))
                             .map_or_else(|| "?".to_string(), |n| n.to_string())
                     );
-                    let sync = watch_sync(c.port(a.on)).await;
+                    let sync = watch_sync(c.port(a.on), setup.quorum).await;
                     Outcome { t0, first: a, sync }
                 }
                 Scenario::Switchover => {
                     let to = most_advanced_standby(&c, p).await;
-                    let t0 = Instant::now();
-                    let at = clock();
-                    c.annotate(SWITCHOVER_TO, Some(c.name(to)));
-                    let a =
-                        first_ack(&c, &w, "a write on the new primary", t0, |a| a.on != p).await;
+                    // A request pgwarden refuses (its view of the target not caught up yet,
+                    // e.g. just after the previous run) is made again, as a user would; the
+                    // figures count from the request that was carried out.
+                    let mut refused = 0;
+                    let (t0, at, a) = loop {
+                        let before = refusals(&c);
+                        let t0 = Instant::now();
+                        let at = clock();
+                        c.annotate(SWITCHOVER_TO, Some(c.name(to)));
+                        if let Some(a) = switched_or_refused(&c, &w, p, t0, before).await {
+                            break (t0, at, a);
+                        }
+                        refused += 1;
+                        assert!(
+                            refused < 10,
+                            "{tag}: the switchover was refused {refused} times"
+                        );
+                        eventually("the refused annotation removed", LONG, async || {
+                            c.annotation(SWITCHOVER_TO).is_none().then_some(())
+                        })
+                        .await;
+                        sleep(Duration::from_secs(1)).await;
+                    };
                     let note = if a.on == to {
                         String::new()
                     } else {
                         format!(" (NOT the requested {})", c.name(to))
                     };
                     eprintln!(
-                        "{tag}: {name} -> {} requested at {at}; first write on {} after {:.2} s{note}",
+                        "{tag}: {name} -> {} requested at {at} ({refused} earlier requests \
+                         refused); first write on {} after {:.2} s{note}",
                         c.name(to),
                         c.name(a.on),
                         a.at.duration_since(t0).as_secs_f64()
@@ -823,7 +981,7 @@ async fn ha_figures() {
                         eventually("the switchover annotation removed", LONG, async || {
                             c.annotation(SWITCHOVER_TO).is_none().then_some(())
                         }),
-                        watch_sync(c.port(a.on))
+                        watch_sync(c.port(a.on), setup.quorum)
                     );
                     Outcome { t0, first: a, sync }
                 }
@@ -834,7 +992,8 @@ async fn ha_figures() {
                     let a =
                         first_ack(&c, &w, "a write on the new primary", t0, |a| a.on != p).await;
                     let port = c.port(a.on);
-                    let (status, sync) = tokio::join!(c.wait_exit(p, LONG), watch_sync(port));
+                    let (status, sync) =
+                        tokio::join!(c.wait_exit(p, LONG), watch_sync(port, setup.quorum));
                     eprintln!(
                         "{tag}: {name} signalled at {at}, exited ({status}); first write on {} \
                          after {:.2} s",
@@ -888,7 +1047,7 @@ async fn ha_figures() {
             );
             // A failover slower than its target: what the instances did meanwhile.
             if matches!(scenario, Scenario::PodLoss | Scenario::Hung)
-                && headline > scenario.target().0
+                && headline > scenario.target(setup).0
             {
                 let records = ha_records(&c, &clock_at(o.t0), &clock_at(o.first.at));
                 eprintln!(
@@ -931,6 +1090,161 @@ async fn ha_figures() {
 
     let total = w.count();
     w.stop().await;
+    let footprint = if idle_seconds > 0 {
+        Some(idle_footprint(&mut c, Duration::from_secs(idle_seconds)).await)
+    } else {
+        None
+    };
     eprintln!("ha-bench: done in {:.0} s", started.elapsed().as_secs_f64());
-    print_table(&figures, runs, total, lost.len());
+    print_table(setup, &figures, runs, total, lost.len());
+    if let Some(fp) = &footprint {
+        print_footprint(&c, fp, idle_seconds);
+    }
+    print_figure_lines(setup, runs, &figures, footprint.as_ref());
+}
+
+/// One pgwarden process's footprint while the cluster is idle.
+struct Footprint {
+    /// Whether the instance was the primary during the measurement.
+    primary: bool,
+    /// `VmRSS` at the end of the idle period, in KiB.
+    rss_kib: u64,
+    /// utime + stime over the idle period, in clock ticks, and as a percentage of one core.
+    ticks: u64,
+    cpu_percent: f64,
+}
+
+/// utime + stime (fields 14 and 15 of /proc/PID/stat) of the process itself, all its threads,
+/// not its children (Postgres), in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/stat: {e}"));
+    // The fields after the command name, which is in parentheses and may contain anything.
+    let (_, rest) = stat.rsplit_once(')').expect("a /proc/PID/stat line");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (the state).
+    let field = |n: usize| -> u64 { fields[n - 3].parse().expect("a number of ticks") };
+    field(14) + field(15)
+}
+
+/// `VmRSS` of the process, in KiB.
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+/// Every instance streaming and no writes: each pgwarden's CPU time over `idle`, and its
+/// resident size at the end.
+async fn idle_footprint(c: &mut Cluster, idle: Duration) -> Vec<Footprint> {
+    let p = c.wait_all_streaming(LONG).await;
+    // Let the last writes' replication and status updates settle.
+    sleep(Duration::from_secs(5)).await;
+    let pids: Vec<i32> = (0..c.len())
+        .map(|i| {
+            let w = c.nodes[i].warden.as_ref().expect("every pgwarden running");
+            w.pid().as_raw()
+        })
+        .collect();
+    eprintln!(
+        "ha-bench: idle footprint of every pgwarden over {} s",
+        idle.as_secs()
+    );
+    // Clock ticks per second of /proc/PID/stat (USER_HZ, 100 on Linux).
+    let hz: f64 = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0);
+    let before: Vec<u64> = pids.iter().map(|&pid| cpu_ticks(pid)).collect();
+    let t = Instant::now();
+    sleep(idle).await;
+    let elapsed = t.elapsed().as_secs_f64();
+    let now_primary = c.wait_all_streaming(LONG).await;
+    assert_eq!(
+        p,
+        now_primary,
+        "the primary changed during the idle period ({} -> {})",
+        c.name(p),
+        c.name(now_primary)
+    );
+    pids.iter()
+        .zip(before)
+        .enumerate()
+        .map(|(i, (&pid, b))| {
+            let ticks = cpu_ticks(pid) - b;
+            Footprint {
+                primary: i == p,
+                rss_kib: rss_kib(pid),
+                ticks,
+                cpu_percent: ticks as f64 / hz / elapsed * 100.0,
+            }
+        })
+        .collect()
+}
+
+fn print_footprint(c: &Cluster, fp: &[Footprint], idle_seconds: u64) {
+    println!();
+    println!(
+        "footprint of each pgwarden process alone (not Postgres), idle for {idle_seconds} s, \
+         writer stopped"
+    );
+    println!(
+        "{:<10} {:<8} {:>10} {:>7} {:>12}",
+        "instance", "role", "VmRSS MiB", "ticks", "CPU % core"
+    );
+    for (i, f) in fp.iter().enumerate() {
+        println!(
+            "{:<10} {:<8} {:>10.1} {:>7} {:>12.3}",
+            c.name(i),
+            if f.primary { "primary" } else { "standby" },
+            f.rss_kib as f64 / 1024.0,
+            f.ticks,
+            f.cpu_percent
+        );
+    }
+}
+
+/// The figures as `ha-bench-figure` lines (one per scenario: key, lost commits, and every run's
+/// seconds; then the footprint), the format `bench/ha.sh --with-patroni` reads from both sides.
+fn print_figure_lines(
+    setup: Setup,
+    runs: usize,
+    figures: &[(Scenario, Figures)],
+    footprint: Option<&Vec<Footprint>>,
+) {
+    println!();
+    println!(
+        "ha-bench-figure setup manager=pgwarden mode={} profile={} lease={} renew_deadline={} \
+         retry={} runs={runs}",
+        setup.mode(),
+        setup.profile(),
+        setup.lease,
+        setup.renew_deadline,
+        setup.retry
+    );
+    let join = |v: &mut dyn Iterator<Item = String>| v.collect::<Vec<_>>().join(",");
+    for (s, f) in figures {
+        let seconds = join(&mut f.seconds.iter().map(|x| format!("{x:.3}")));
+        println!(
+            "ha-bench-figure scenario {} lost={} seconds={}",
+            s.key(),
+            f.lost,
+            if seconds.is_empty() { "-" } else { &seconds }
+        );
+    }
+    if let Some(fp) = footprint {
+        let rss = join(
+            &mut fp
+                .iter()
+                .map(|f| format!("{:.1}", f.rss_kib as f64 / 1024.0)),
+        );
+        let cpu = join(&mut fp.iter().map(|f| format!("{:.3}", f.cpu_percent)));
+        println!("ha-bench-figure footprint rss_mib={rss} cpu_percent={cpu}");
+    }
 }

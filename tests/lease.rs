@@ -127,8 +127,14 @@ async fn a_partitioned_leader_passes_its_deadline_before_followers_see_expiry() 
             max_lag_bytes: None,
             max_local_restarts: 3,
             has_data: true,
+            data_unusable: None,
             initialized: true,
             others_data: decide::OthersData::AllEmpty,
+            busy: None,
+            system_identifier: None,
+            published: None,
+            lease_free_for: Duration::ZERO,
+            standing_down: false,
         });
         if matches!(decision, decide::Action::Fence(_)) && fenced_at.is_none() {
             fenced_at = Some(started.elapsed());

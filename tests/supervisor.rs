@@ -41,6 +41,14 @@ async fn fresh_directory_initialises_serves_stops_cleanly_and_reuses_data() {
         .unwrap()
         .get(0);
     assert_eq!(collate, "C.UTF-8");
+    let system: String = client
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
     drop(client);
 
     warden.signal(Signal::SIGTERM);
@@ -48,6 +56,32 @@ async fn fresh_directory_initialises_serves_stops_cleanly_and_reuses_data() {
     assert_eq!(status.code(), Some(0), "{}", warden.output());
     assert!(warden.output().contains("received smart shutdown request"));
     assert!(!sb.data_dir().join("postmaster.pid").exists());
+    // The control file as pgwarden reads it says what pg_controldata says.
+    let control = pgwarden::postgres::control::read(&sb.data_dir()).unwrap();
+    assert!(control.state.clean(), "{control:?}");
+    assert_eq!(control.system_identifier.to_string(), system);
+    assert_eq!(control.checkpoint_timeline, 1);
+    let report = std::process::Command::new("/usr/lib/postgresql/15/bin/pg_controldata")
+        .arg(sb.data_dir())
+        .env("LC_ALL", "C")
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&report.stdout);
+    let field = |name: &str| {
+        report
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+    };
+    assert_eq!(
+        field("Latest checkpoint location:"),
+        Some(control.checkpoint.to_string()),
+        "{report}"
+    );
+    assert_eq!(
+        field("Database cluster state:").as_deref(),
+        Some("shut down")
+    );
 
     let mut again = sb.start();
     let client = sb.wait_client(LONG).await;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 use support::apiserver::ApiServer;
-use support::wal::{check_archive, decode, pgbench, pgwarden_cmd, S3Server};
+use support::wal::{check_archive, decode, metric, pgbench, pgwarden_cmd, S3Server};
 use support::{http_get, http_json, Sandbox, Warden};
 
 const LONG: Duration = Duration::from_secs(90);
@@ -32,13 +32,6 @@ fn status(sb: &Sandbox) -> Value {
 
 fn metrics(sb: &Sandbox) -> String {
     http_get(sb.metrics_port, "/metrics").unwrap().1
-}
-
-/// The value of the first series whose line starts with `series`.
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 async fn eventually<T>(what: &str, within: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
@@ -104,6 +97,16 @@ async fn checksum(c: &tokio_postgres::Client) -> (i64, i64, i64) {
     (r.get(0), r.get(1), r.get(2))
 }
 
+/// The names under the destination's `wal/`, sorted.
+fn wal_files(archive: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(archive.join("wal"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 fn stop(mut warden: Warden) {
     warden.signal(Signal::SIGINT);
     let status = warden.wait_exit(LONG);
@@ -122,18 +125,7 @@ async fn archives_to_a_directory_under_load_and_a_fresh_instance_restores_to_the
     load(port, &["-i", "-q", "-s", "6"]).await;
     // A base backup that needs the archive: no WAL of its own.
     let base = a.dir.path().join("base");
-    let out = std::process::Command::new(format!("{}/pg_basebackup", support::wal::PG_BIN))
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
-        .args(["-X", "none", "-c", "fast", "-D"])
-        .arg(&base)
-        .env("PGPASSWORD", support::PASSWORD)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::wal::pg_basebackup(port, &base, &["-X", "none"]);
     load(port, &["-c", "4", "-j", "2", "-T", "6", "-n"]).await;
     let expected = checksum(&c).await;
     let last = switch(&c).await;
@@ -228,29 +220,6 @@ fn base64(s: &str) -> String {
     out
 }
 
-fn seed(server: &ApiServer, pod: &str) {
-    for name in ["pg-superuser", "pg-replication"] {
-        server.create(json!({
-            "apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": name, "namespace": NS},
-            "data": {"password": "dGVzdC1zdXBlcnVzZXItcGFzc3dvcmQ="}
-        }));
-    }
-    server.create(json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": pod, "namespace": NS},
-        "spec": {"containers": [{"name": "postgres", "image": "pgwarden"}]}
-    }));
-    server.create(json!({
-        "apiVersion": "pgwarden.dev/v1", "kind": "PostgresCluster",
-        "metadata": {"name": CLUSTER, "namespace": NS},
-        "spec": {
-            "instances": 1,
-            "secrets": {"superuser": {"name": "pg-superuser"}, "replication": {"name": "pg-replication"}}
-        }
-    }));
-}
-
 fn wal_condition(server: &ApiServer, pod: &str) -> Value {
     server
         .get("pgwarden.dev/v1", "postgresclusters", NS, CLUSTER)
@@ -273,7 +242,7 @@ async fn archives_to_s3_and_survives_the_destination_going_down() {
     let mut sb = Sandbox::new();
     let mut s3 = S3Server::start(&bin, &sb.dir.path().join("s3"), BUCKET);
     let server = ApiServer::start();
-    seed(&server, "pg-0");
+    server.seed_single(NS, CLUSTER, "pg-0");
     // The credentials come from a Secret named in the spec, read through the API.
     server.create(json!({
         "apiVersion": "v1", "kind": "Secret",
@@ -341,8 +310,12 @@ async fn archives_to_s3_and_survives_the_destination_going_down() {
             .contains("cluster-a"),
         "{doc}"
     );
-    let m = metrics(&sb);
-    assert_eq!(metric(&m, "pgwarden_wal_archive_failing"), Some(1.0), "{m}");
+    // The metrics are a snapshot of their own: they show the failure at their next refresh.
+    let m = eventually("the failing metric", LONG, async || {
+        let m = metrics(&sb);
+        (metric(&m, "pgwarden_wal_archive_failing") == Some(1.0)).then_some(m)
+    })
+    .await;
     assert!(metric(&m, "pgwarden_postgres_wal_ready_segments").unwrap() >= 3.0);
     assert!(metric(&m, "pgwarden_wal_archive_failures_total{reason=\"error\"}").unwrap() > 0.0);
     let cond = eventually("WALArchiving=False", LONG, async || {
@@ -393,7 +366,8 @@ async fn refuses_a_conflict_detects_corruption_and_archives_without_the_daemon()
     let bogus = pgwarden::wal::format::encode(
         b"not this segment",
         pgwarden::wal::format::Compression::Zstd,
-    );
+    )
+    .unwrap();
     std::fs::create_dir_all(object.parent().unwrap()).unwrap();
     std::fs::write(&object, &bogus).unwrap();
     assert_eq!(switch(&c).await, current);
@@ -636,4 +610,57 @@ async fn a_spool_directory_over_the_data_directory_is_refused_and_foreign_files_
     assert!(foreign.exists());
     drop(c);
     stop(warden);
+}
+
+/// Two databases (two initdb, two system identifiers) pointed at one destination: the first
+/// claims it, the second archives nothing there and says whose history it holds.
+#[tokio::test]
+async fn a_destination_holding_another_databases_history_is_refused() {
+    let mut a = Sandbox::new();
+    let archive = a.dir.path().join("archive");
+    let destination = format!("file://{}", archive.display());
+    a.extra = wal_extra(&destination, "");
+    let wa = a.start();
+    let ca = a.wait_client(LONG).await;
+    let first = switch(&ca).await;
+    wait_archived(&ca, &first).await;
+    drop(ca);
+    stop(wa);
+    // Counted once the first instance has stopped: its archiver may still send a segment
+    // that became ready after the one waited for.
+    let claimed = wal_files(&archive);
+
+    let mut b = Sandbox::new();
+    b.extra = wal_extra(&destination, "");
+    let wb = b.start();
+    let cb = b.wait_client(LONG).await;
+    for _ in 0..3 {
+        switch(&cb).await;
+    }
+    let doc = eventually("the refusal in the status", LONG, async || {
+        let doc = status(&b);
+        let error = doc["wal"]["last_error"].to_string();
+        error
+            .contains("holds the WAL of database system")
+            .then_some(doc)
+    })
+    .await;
+    // Postgres's own archive_command is refused too (it asks after the archiver scanned).
+    eventually("archive_command failing", LONG, async || {
+        let (_, _, failed) = archiver(&cb).await;
+        (failed > 0).then_some(())
+    })
+    .await;
+    let error = doc["wal"]["last_error"].to_string();
+    assert!(
+        error.contains("this data directory is database system"),
+        "{doc}"
+    );
+    assert_eq!(
+        wal_files(&archive),
+        claimed,
+        "the second database wrote into the first's archive"
+    );
+    drop(cb);
+    stop(wb);
 }

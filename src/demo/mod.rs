@@ -10,13 +10,17 @@
 //!
 //! Commands on stdin: `kill` (SIGKILL the primary's pgwarden and Postgres: a lost node; it is
 //! started again once another instance has taken over, and rejoins as a standby), `kill NAME`,
-//! `start NAME`, `status`, `help`, `stop`. Ctrl-C (SIGINT), SIGTERM or SIGHUP stop the
+//! `start NAME`, `status`, `backup` and `restore TIME` ([`recovery`]: drop a table, get it
+//! back), `help`, `stop`. Ctrl-C (SIGINT), SIGTERM or SIGHUP stop the
 //! standbys, then the primary, with SIGTERM (clean shutdowns), kill whatever is left after
 //! 30 s, and the demo exits 0 once no process of it remains.
 
 pub mod apiserver;
+mod commands;
 mod instance;
 mod observe;
+pub mod process;
+mod recovery;
 mod setup;
 
 use std::io::{BufRead, Write};
@@ -147,6 +151,7 @@ async fn run(opts: Options) -> anyhow::Result<i32> {
         announced: None,
         shown_ready: false,
         primary_killed_at: None,
+        restored: None,
     };
     let outcome = match demo.start(ports).await {
         Ok(()) => demo.watch(&mut signals).await,
@@ -181,6 +186,8 @@ struct Demo {
     shown_ready: bool,
     /// When the demo last killed the primary, until another one is announced.
     primary_killed_at: Option<Instant>,
+    /// The instance `restore TIME` made, beside the cluster.
+    restored: Option<Instance>,
 }
 
 impl Demo {
@@ -195,11 +202,16 @@ impl Demo {
 
         let server = ApiServer::start().context("cannot start the embedded API server")?;
         self.names = (0..INSTANCES).map(|i| format!("{CLUSTER}-{i}")).collect();
+        let archive = recovery::archive_dir(&dir);
+        std::fs::create_dir(&archive)
+            .with_context(|| format!("cannot create {}", archive.display()))?;
+        setup::give(&archive, run_as)?;
         setup::seed(
             &server,
             &self.names,
             &self.password,
             &setup::random_hex(20)?,
+            &recovery::destination(&dir),
         )
         .context("cannot create the cluster's objects")?;
         self.admin_kubeconfig = server
@@ -430,217 +442,16 @@ impl Demo {
         }
     }
 
-    /// A command typed on stdin; false to stop the demo.
-    async fn command(&mut self, line: &str) -> bool {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words[..] {
-            [] => {}
-            ["kill"] => match self.view.as_ref().and_then(|v| v.primary) {
-                Some(p) => self.kill(p).await,
-                None => say(
-                    "there is no primary right now (starting, or failing over): wait for one, \
-                     or name an instance (kill pg-1)",
-                ),
-            },
-            ["kill", name] => match self.index(name) {
-                Some(i) => self.kill(i).await,
-                None => self.unknown(name),
-            },
-            ["start", name] => match self.index(name) {
-                Some(i) if self.instances[i].is_running() => say(&format!("{name} is running")),
-                Some(i) => {
-                    say(&format!("starting {name}"));
-                    if let Err(e) = self.instances[i].spawn(&self.launch) {
-                        say(&format!("{e:#}"));
-                    }
-                }
-                None => self.unknown(name),
-            },
-            ["status"] => self.status().await,
-            ["help"] | ["?"] => self.help(),
-            ["stop"] | ["quit"] | ["exit"] => {
-                say(&format!("{line}: stopping the cluster"));
-                return false;
-            }
-            _ => say(&format!("unknown command {line:?}; type help")),
-        }
-        true
-    }
-
-    fn index(&self, name: &str) -> Option<usize> {
-        self.names.iter().position(|n| n == name)
-    }
-
-    fn unknown(&self, name: &str) {
-        say(&format!(
-            "no instance {name:?}: the instances are {}",
-            self.names.join(", ")
-        ));
-    }
-
-    /// SIGKILL of an instance's pgwarden and Postgres: a lost node. It comes back later.
-    async fn kill(&mut self, i: usize) {
-        let was_primary = self.view.as_ref().and_then(|v| v.primary) == Some(i);
-        let name = self.names[i].clone();
-        let instance = &mut self.instances[i];
-        if !instance.is_running() && instance.processes().is_empty() {
-            say(&format!("{name} is not running"));
-            return;
-        }
-        let (killed, left) = instance.kill().await;
-        instance.restart_at = Some(Instant::now() + RESTART_DELAY);
-        instance.wait_for_failover = was_primary;
-        if was_primary {
-            self.primary_killed_at = Some(Instant::now());
-        }
-        let role = if was_primary {
-            "the primary"
-        } else {
-            "an instance"
-        };
-        let mut lines = vec![format!(
-            "killed {name}, {role}: its pgwarden and Postgres, {killed} processes, with SIGKILL \
-             (as if its node were lost)"
-        )];
-        if !left.is_empty() {
-            lines.push(format!("still alive after SIGKILL: {left:?}"));
-        }
-        if was_primary {
-            lines.push(format!(
-                "nobody renews the Lease now: once it is {LEASE_SECONDS} s old the most advanced \
-                 standby takes it and promotes itself; {name} starts again after that and \
-                 rejoins as a standby"
-            ));
-        } else {
-            lines.push(format!(
-                "{name} starts again in {} s",
-                RESTART_DELAY.as_secs()
-            ));
-        }
-        say_lines(&lines);
-    }
-
-    /// How to reach each instance.
-    fn connections(&self) -> Vec<String> {
-        let pw = &self.password;
-        let ports: Vec<String> = self
-            .instances
-            .iter()
-            .map(|i| i.ports.postgres.to_string())
-            .collect();
-        let hosts = vec!["127.0.0.1"; self.instances.len()].join(",");
-        let mut lines = vec![
-            format!(
-                "the superuser is postgres, password {pw} (in {})",
-                self.password_file.display()
-            ),
-            "the primary, wherever it is (libpq tries each and keeps the writable one):"
-                .to_string(),
-            format!(
-                "  psql \"host={hosts} port={} user=postgres password={pw} \
-                 target_session_attrs=read-write\"",
-                ports.join(",")
-            ),
-            "each instance:".to_string(),
-        ];
-        for instance in &self.instances {
-            let pid = match instance.pid() {
-                Some(pid) => format!("pgwarden pid {pid}"),
-                None => "not running".to_string(),
-            };
-            lines.push(format!(
-                "  {}  psql \"host=127.0.0.1 port={} user=postgres password={pw}\"   \
-                 curl 127.0.0.1:{}/pg/status   ({pid})",
-                instance.name, instance.ports.postgres, instance.ports.status
-            ));
-        }
-        let metrics: Vec<String> = self
-            .instances
-            .iter()
-            .map(|i| i.ports.metrics.to_string())
-            .collect();
-        lines.push(format!(
-            "metrics: curl 127.0.0.1:PORT/metrics with PORT {}",
-            metrics.join(", ")
-        ));
-        // A switchover to a standby of the current primary, through the embedded API server.
-        let primary = self.view.as_ref().and_then(|v| v.primary);
-        let target = (0..self.names.len()).find(|&i| Some(i) != primary);
-        if let Some(target) = target {
-            lines.push(format!(
-                "a planned switchover: KUBECONFIG={} {} switchover --cluster {CLUSTER} --to {}",
-                self.admin_kubeconfig.display(),
-                self.launch.binary.display(),
-                self.names[target]
-            ));
-        }
-        lines
-    }
-
-    fn commands_help() -> Vec<String> {
-        vec![
-            "commands (type one and Enter):".to_string(),
-            "  kill        SIGKILL the primary's pgwarden and Postgres (a lost node): a standby \
-             takes over, the old primary rejoins as a standby"
-                .to_string(),
-            "  kill NAME   the same for any instance; start NAME starts a stopped one".to_string(),
-            "  status      the state of each instance and how to connect".to_string(),
-            "  stop        stop everything, as Ctrl-C does".to_string(),
-        ]
-    }
-
-    /// Once the cluster is first up: what it is, how to use it, what to try.
-    fn banner(&self) {
-        let rule = "=".repeat(72);
-        let mut lines = vec![rule.clone()];
-        if let Some(p) = self.view.as_ref().and_then(|v| v.primary) {
-            let standbys: Vec<&str> = (0..self.names.len())
-                .filter(|&i| i != p)
-                .map(|i| self.names[i].as_str())
-                .collect();
-            lines.push(format!(
-                "the cluster is up: {} is the primary, {} stream from it (quorum commit: \
-                 every commit is on a standby too)",
-                self.names[p],
-                standbys.join(" and ")
-            ));
-        }
-        lines.extend(self.connections());
-        lines.push(String::new());
-        lines.push(
-            "try a failover: type  kill  and Enter. The primary dies at once (SIGKILL of its \
-             pgwarden and Postgres); a standby takes over within about 10 s and the demo \
-             prints \"primary is now ...\"; the old primary then rejoins as a standby."
-                .to_string(),
-        );
-        lines.extend(Self::commands_help());
-        lines.push("Ctrl-C stops everything and leaves nothing running.".to_string());
-        lines.push(rule);
-        say_lines(&lines);
-    }
-
-    fn help(&self) {
-        let mut lines = Self::commands_help();
-        lines.push("Ctrl-C stops everything and leaves nothing running.".to_string());
-        say_lines(&lines);
-    }
-
-    async fn status(&mut self) {
-        let mut lines = Vec::new();
-        if let Some(server) = &self.server {
-            let view = observe::observe(&self.instances, server).await;
-            lines.push(view.line(&self.names));
-        }
-        lines.extend(self.connections());
-        say_lines(&lines);
-    }
-
     /// Stops every instance: the standbys, then the primary, with SIGTERM (a clean stop);
     /// whatever is left after `STOP_TIMEOUT` (or at a second Ctrl-C) is killed. True when no
     /// process of the demo is left.
     async fn stop(&mut self, signals: &mut Signals) -> bool {
         for instance in &mut self.instances {
             instance.restart_at = None;
+        }
+        if let Some(r) = self.restored.as_mut() {
+            say(&format!("stopping {} (SIGTERM)", recovery::RESTORED));
+            recovery::stop(r, STOP_TIMEOUT).await;
         }
         self.reap_exits();
         let running: Vec<usize> = (0..self.instances.len())
@@ -715,16 +526,16 @@ impl Demo {
             let _ = self.instances[i].poll_exit();
         }
         // Anything else the demo started, directly or not (it is their subreaper).
-        let stray = instance::descendants(std::process::id() as i32);
+        let stray = process::descendants(std::process::id() as i32);
         if !stray.is_empty() {
             for &pid in &stray {
                 say(&format!(
                     "killing a leftover process {pid}: {}",
-                    instance::command_line(pid)
+                    process::command_line(pid)
                 ));
             }
-            instance::signal_all(&stray, Signal::SIGKILL);
-            let left = instance::wait_gone(&stray, Duration::from_secs(10)).await;
+            process::signal_all(&stray, Signal::SIGKILL);
+            let left = process::wait_gone(&stray, Duration::from_secs(10)).await;
             if !left.is_empty() {
                 say(&format!("still alive: {left:?}"));
                 clean = false;

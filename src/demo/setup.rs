@@ -239,15 +239,12 @@ fn toml_str(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
 
-/// The configuration file of instance `name`: loopback only, the password from a file, and
-/// the Kubernetes side pointed at the embedded API server's cluster.
-pub fn config_text(name: &str, layout: &Layout, ports: Ports, password_file: &Path) -> String {
+/// The `[postgres]` and `[http]` sections of a demo instance: its directories, loopback
+/// ports, and the superuser password from a file.
+pub fn local_sections(layout: &Layout, ports: Ports, password_file: &Path) -> String {
     let path = |p: PathBuf| toml_str(&p.to_string_lossy());
     format!(
-        "# Written by `pgwarden demo` for the instance {name}.\n\
-         instance_name = {name_q}\n\
-         \n\
-         [postgres]\n\
+        "[postgres]\n\
          data_dir = {data}\n\
          run_dir = {run}\n\
          port = {port}\n\
@@ -256,7 +253,24 @@ pub fn config_text(name: &str, layout: &Layout, ports: Ports, password_file: &Pa
          \n\
          [http]\n\
          status_listen = \"127.0.0.1:{status}\"\n\
-         metrics_listen = \"127.0.0.1:{metrics}\"\n\
+         metrics_listen = \"127.0.0.1:{metrics}\"\n",
+        data = path(layout.data_dir()),
+        run = path(layout.run_dir()),
+        port = ports.postgres,
+        password = path(password_file.to_path_buf()),
+        status = ports.status,
+        metrics = ports.metrics,
+    )
+}
+
+/// The configuration file of instance `name`: loopback only, the password from a file, and
+/// the Kubernetes side pointed at the embedded API server's cluster.
+pub fn config_text(name: &str, layout: &Layout, ports: Ports, password_file: &Path) -> String {
+    format!(
+        "# Written by `pgwarden demo` for the instance {name}.\n\
+         instance_name = {name_q}\n\
+         \n\
+         {local}\
          \n\
          [monitor]\n\
          interval = \"500ms\"\n\
@@ -270,12 +284,7 @@ pub fn config_text(name: &str, layout: &Layout, ports: Ports, password_file: &Pa
          status_interval = \"1s\"\n\
          api_timeout = \"2s\"\n",
         name_q = toml_str(name),
-        data = path(layout.data_dir()),
-        run = path(layout.run_dir()),
-        port = ports.postgres,
-        password = path(password_file.to_path_buf()),
-        status = ports.status,
-        metrics = ports.metrics,
+        local = local_sections(layout, ports, password_file),
         cluster = toml_str(CLUSTER),
         namespace = toml_str(NAMESPACE),
     )
@@ -298,8 +307,9 @@ fn secret(name: &str, password: &str) -> anyhow::Result<Value> {
 }
 
 /// The PostgresCluster: `INSTANCES` instances, quorum commit with one synchronous standby
-/// (no acknowledged commit is lost in a failover), and quick failover timings.
-pub fn cluster_object() -> Value {
+/// (no acknowledged commit is lost in a failover), quick failover timings, and WAL archived
+/// to `archive` (for the demo's `backup` and `restore`).
+pub fn cluster_object(archive: &str) -> Value {
     json!({
         "apiVersion": "pgwarden.dev/v1",
         "kind": "PostgresCluster",
@@ -315,7 +325,8 @@ pub fn cluster_object() -> Value {
                 "renewDeadlineSeconds": 3,
                 "retryPeriodSeconds": 1
             },
-            "synchronous": {"mode": "quorum", "number": 1, "allowDegraded": false}
+            "synchronous": {"mode": "quorum", "number": 1, "allowDegraded": false},
+            "walArchive": {"destination": archive}
         }
     })
 }
@@ -336,6 +347,7 @@ pub fn seed(
     names: &[String],
     superuser_password: &str,
     replication_password: &str,
+    archive: &str,
 ) -> anyhow::Result<()> {
     server.create(serde_json::to_value(crate::k8s::crd::crd())?)?;
     server.create(secret(SUPERUSER_SECRET, superuser_password)?)?;
@@ -343,13 +355,31 @@ pub fn seed(
     for name in names {
         server.create(pod(name))?;
     }
-    server.create(cluster_object())?;
+    server.create(cluster_object(archive))?;
     Ok(())
 }
 
 /// The name of the Lease the primary holds.
 pub fn lease_name() -> String {
     format!("{CLUSTER}-leader")
+}
+
+/// Loads a configuration text the demo writes, as `pgwarden run` would (for the tests).
+#[cfg(test)]
+pub fn load_config_text(text: &str) -> crate::config::Config {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), text).unwrap();
+    crate::config::Config::load(Some(file.path()), std::iter::empty()).unwrap()
+}
+
+/// The ports of a demo instance, in the tests.
+#[cfg(test)]
+pub fn test_ports(postgres: u16) -> Ports {
+    Ports {
+        postgres,
+        status: postgres + 10,
+        metrics: postgres + 20,
+    }
 }
 
 #[cfg(test)]
@@ -361,17 +391,13 @@ mod tests {
         let layout = Layout {
             dir: PathBuf::from("/tmp/demo \"quoted\"/pg-1"),
         };
-        let ports = Ports {
-            postgres: 15433,
-            status: 15443,
-            metrics: 15453,
-        };
-        let text = config_text("pg-1", &layout, ports, Path::new("/tmp/demo/pw"));
-        let path =
-            std::env::temp_dir().join(format!("pgwarden-demo-config-{}.toml", std::process::id()));
-        std::fs::write(&path, text).unwrap();
-        let config = crate::config::Config::load(Some(&path), std::iter::empty()).unwrap();
-        std::fs::remove_file(&path).unwrap();
+        let text = config_text(
+            "pg-1",
+            &layout,
+            test_ports(15433),
+            Path::new("/tmp/demo/pw"),
+        );
+        let config = load_config_text(&text);
         assert_eq!(config.instance_name, "pg-1");
         assert_eq!(config.postgres.port, 15433);
         assert_eq!(config.postgres.data_dir, layout.data_dir());

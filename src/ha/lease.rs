@@ -21,6 +21,9 @@ use super::fence::FenceTimer;
 /// Lease annotations with the synchronous set the holder relies on (see `quorum`).
 pub const SYNC_NUMBER: &str = "pgwarden.dev/sync-number";
 pub const SYNC_SET: &str = "pgwarden.dev/sync-standbys";
+/// Lease annotations with the holder's database: its system identifier and timeline.
+pub const SYSTEM_IDENTIFIER: &str = "pgwarden.dev/system-identifier";
+pub const TIMELINE: &str = "pgwarden.dev/timeline";
 
 /// What was last observed of the Lease.
 #[derive(Debug, Clone)]
@@ -43,7 +46,14 @@ pub struct LeaseClient {
     /// Armed with every renewal that succeeded: it stops writes at the renew deadline even
     /// while this client waits for an API server that does not answer.
     fence: FenceTimer,
+    /// This instance's database, published with every renewal.
+    position: Option<decide::Position>,
+    /// Time a renewal leaves before the renew deadline (see [`LeaseClient::reserve`]).
+    reserve: Duration,
 }
+
+/// The shortest wait a renewal is given when a reserve shortens it.
+const MIN_RENEW_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
@@ -51,6 +61,17 @@ pub enum LeaseError {
     Timeout,
     #[error(transparent)]
     Api(#[from] kube::Error),
+}
+
+/// An API call bounded by `timeout`.
+async fn within<T>(
+    timeout: Duration,
+    f: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, LeaseError> {
+    tokio::time::timeout(timeout, f)
+        .await
+        .map_err(|_| LeaseError::Timeout)?
+        .map_err(LeaseError::Api)
 }
 
 fn is_status(e: &kube::Error, code: u16) -> bool {
@@ -74,7 +95,16 @@ impl LeaseClient {
             seen: None,
             renewed_at: None,
             fence: FenceTimer::detached(),
+            position: None,
+            reserve: Duration::ZERO,
         }
+    }
+
+    /// Renewals give up this long before the renew deadline (when that still leaves them a
+    /// second): a renewal black-holed right after an answered read must not hold the elector
+    /// until the deadline, or no failsafe round could confirm in time.
+    pub fn reserve(&mut self, reserve: Duration) {
+        self.reserve = reserve;
     }
 
     /// Arms `fence` with every renewal that succeeds from now on.
@@ -87,10 +117,7 @@ impl LeaseClient {
         &self,
         f: impl std::future::Future<Output = Result<T, kube::Error>>,
     ) -> Result<T, LeaseError> {
-        tokio::time::timeout(self.timeout, f)
-            .await
-            .map_err(|_| LeaseError::Timeout)?
-            .map_err(LeaseError::Api)
+        within(self.timeout, f).await
     }
 
     /// Reads the Lease and returns the view the decision uses. Between failed reads the view
@@ -105,10 +132,7 @@ impl LeaseClient {
         &mut self,
         timeout: Duration,
     ) -> (decide::Lease, Result<(), LeaseError>) {
-        let read = tokio::time::timeout(timeout, self.api.get_opt(&self.name)).await;
-        let result = read
-            .map_err(|_| LeaseError::Timeout)
-            .and_then(|r| r.map_err(LeaseError::Api));
+        let result = within(timeout, self.api.get_opt(&self.name)).await;
         let outcome = match result {
             Ok(Some(lease)) => {
                 let rv = lease.metadata.resource_version.clone();
@@ -154,6 +178,14 @@ impl LeaseClient {
                 unchanged_for: at.elapsed(),
             },
         }
+    }
+
+    /// How long until another holder's Lease, as last observed, expires for this instance
+    /// (judged by `lease_duration`); `None` when it is not held by another.
+    pub fn until_expiry(&self, lease_duration: Duration) -> Option<Duration> {
+        let seen = self.seen.as_ref()?;
+        let holder = seen.holder.as_deref()?;
+        (holder != self.me).then(|| lease_duration.saturating_sub(seen.at.elapsed()))
     }
 
     /// The lease duration its holder wrote in the Lease, as last observed (zero if none).
@@ -228,6 +260,20 @@ impl LeaseClient {
         self.settle(result, sent)
     }
 
+    /// What this instance's Postgres runs (published with its renewals).
+    pub fn set_position(&mut self, position: Option<decide::Position>) {
+        self.position = position;
+    }
+
+    /// The database the holder published in the Lease, as last observed.
+    pub fn published_position(&self) -> Option<decide::Position> {
+        let annotations = self.seen.as_ref()?.lease.metadata.annotations.as_ref()?;
+        Some(decide::Position {
+            system_identifier: annotations.get(SYSTEM_IDENTIFIER)?.clone(),
+            timeline: annotations.get(TIMELINE)?.parse().ok()?,
+        })
+    }
+
     /// The synchronous set the holder published in the Lease (annotations), as last observed.
     pub fn published_sync(&self) -> decide::Sync {
         let annotations = self
@@ -293,13 +339,16 @@ impl LeaseClient {
         result
     }
 
-    /// Replaces the Lease this instance holds after `edit`, renewing it.
-    async fn write_own(&mut self, edit: impl FnOnce(&mut Lease)) -> Result<bool, LeaseError> {
-        let Some(seen) = self
-            .seen
+    /// The Lease as last seen, when this instance holds it.
+    fn held(&self) -> Option<Seen> {
+        self.seen
             .clone()
             .filter(|s| s.holder.as_deref() == Some(self.me.as_str()))
-        else {
+    }
+
+    /// Replaces the Lease this instance holds after `edit`, renewing it.
+    async fn write_own(&mut self, edit: impl FnOnce(&mut Lease)) -> Result<bool, LeaseError> {
+        let Some(seen) = self.held() else {
             return Ok(false);
         };
         let sent = Instant::now();
@@ -308,10 +357,36 @@ impl LeaseClient {
         spec.renew_time = Some(MicroTime(Utc::now()));
         spec.lease_duration_seconds = Some(self.timings.lease_duration.as_secs() as i32);
         lease.spec = Some(spec);
+        if let Some(p) = &self.position {
+            let annotations = lease
+                .metadata
+                .annotations
+                .get_or_insert_with(Default::default);
+            annotations.insert(SYSTEM_IDENTIFIER.into(), p.system_identifier.clone());
+            annotations.insert(TIMELINE.into(), p.timeline.to_string());
+        }
         edit(&mut lease);
-        let result = self
-            .bounded(self.api.replace(&self.name, &PostParams::default(), &lease))
-            .await;
+        // Raced against the renew deadline: an answer after it is worth nothing (the fence
+        // timer has stopped writes by then), and waiting for it would hold up what follows.
+        let left = self
+            .renewed_at
+            .map(|t| self.timings.renew_deadline.saturating_sub(t.elapsed()))
+            .filter(|left| !left.is_zero());
+        let reserve = self.reserve;
+        let timeout = left.map_or(self.timeout, |left| {
+            let capped = left.saturating_sub(reserve);
+            let wait = if capped >= MIN_RENEW_WAIT {
+                capped
+            } else {
+                left
+            };
+            wait.min(self.timeout)
+        });
+        let result = within(
+            timeout,
+            self.api.replace(&self.name, &PostParams::default(), &lease),
+        )
+        .await;
         self.settle(result, sent)
     }
 
@@ -322,11 +397,7 @@ impl LeaseClient {
 
     /// Gives the Lease up (clears the holder) so that a standby need not wait for expiry.
     pub async fn release(&mut self) -> Result<bool, LeaseError> {
-        let Some(seen) = self
-            .seen
-            .clone()
-            .filter(|s| s.holder.as_deref() == Some(self.me.as_str()))
-        else {
+        let Some(seen) = self.held() else {
             return Ok(false);
         };
         let mut lease = seen.lease;

@@ -3,6 +3,7 @@
 //! Lease client ([`lease`]), the peers' status ([`peers`]) and the data-directory operations
 //! ([`replica`]) are the I/O edges; the [`elector`] loop ties them to the postmaster actor.
 
+pub mod bootstrap;
 pub mod decide;
 pub mod elector;
 pub mod failsafe;
@@ -13,6 +14,7 @@ pub mod quorum;
 pub mod replica;
 pub mod stream;
 pub mod switchover;
+pub mod tasks;
 
 use serde::Serialize;
 
@@ -39,9 +41,13 @@ pub struct HaStatus {
     /// them (`spec.synchronous.allowDegraded`).
     pub degraded: bool,
     /// The data directory holds a cluster (an empty instance initialises only when no other
-    /// instance says so).
+    /// instance says so); null when it could not be inspected, which the others count as data.
     #[serde(default)]
-    pub has_data: bool,
+    pub has_data: Option<bool>,
+    /// It gave the Lease up after repeated crashes and does not compete for a while: the
+    /// others do not wait for it.
+    #[serde(default)]
+    pub standing_down: bool,
 }
 
 /// The roles `pgwarden_ha_role` reports (one sample each, 1 for the current one).
@@ -101,13 +107,16 @@ pub fn start(s: Start<'_>) -> tokio::sync::mpsc::Sender<elector::Command> {
     let id = &s.shared.identity;
     let client = s.shared.client.clone();
     let timings = decide::Timings::default();
-    // reqwest is built without a bundled TLS provider; peers speak plain HTTP, but the
-    // builder still wants one installed.
+    // reqwest is built without a bundled TLS provider: the plain client's builder still
+    // wants one installed (the HTTPS client brings its own, see peers::PeerClient).
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let http = reqwest::Client::builder()
-        .connect_timeout(std::time::Duration::from_millis(500))
-        .build()
-        .unwrap_or_default();
+    let http = peers::PeerClient::new(
+        reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_millis(500))
+            .build()
+            .unwrap_or_default(),
+        s.shared.tls.subscribe(),
+    );
     let fence = fence::FenceTimer::spawn(s.postmaster.clone());
     elector::Elector {
         me: id.pod.clone(),
@@ -130,6 +139,7 @@ pub fn start(s: Start<'_>) -> tokio::sync::mpsc::Sender<elector::Command> {
         pods: kube::Api::namespaced(client, &id.namespace),
         shared: s.shared.clone(),
         pg: s.pg,
+        wal: s.config.wal.clone(),
         binaries: s.binaries,
         reaper: s.reaper,
         http,
@@ -137,6 +147,7 @@ pub fn start(s: Start<'_>) -> tokio::sync::mpsc::Sender<elector::Command> {
         api_timeout: k.api_timeout,
         failsafe_at: None,
         api_down: false,
+        silence: peers::Silence::default(),
         server_log: s.server_log,
     }
     .spawn()

@@ -11,7 +11,6 @@
 use std::collections::BTreeMap;
 
 use super::decide::Sync;
-use crate::postgres::lsn::Lsn;
 
 /// Why a candidate may not promote.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,11 +34,11 @@ pub enum Refusal {
 
 /// Decides whether `me` may promote. `heard` maps members of S (and possibly others) that
 /// answered, `me` included, to the WAL position they have received.
-pub fn may_promote(
+pub fn may_promote<P: Ord>(
     me: &str,
     set: &[String],
     number: usize,
-    heard: &BTreeMap<String, Lsn>,
+    heard: &BTreeMap<String, P>,
 ) -> Result<(), Refusal> {
     if number == 0 || number > set.len() {
         return Err(Refusal::BadQuorum {
@@ -50,7 +49,7 @@ pub fn may_promote(
     if !set.iter().any(|s| s == me) {
         return Err(Refusal::NotInSet);
     }
-    let members: Vec<(&String, &Lsn)> = heard
+    let members: Vec<(&String, &P)> = heard
         .iter()
         .filter(|(name, _)| set.contains(name))
         .collect();
@@ -61,11 +60,7 @@ pub fn may_promote(
             needed,
         });
     }
-    // Most advanced first; on equal positions the smaller name wins.
-    let best = members
-        .iter()
-        .max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0)))
-        .map(|(name, _)| name.as_str());
+    let best = most_advanced(members.iter().map(|(name, p)| (name.as_str(), *p)));
     match best {
         Some(best) if best == me => Ok(()),
         Some(best) => Err(Refusal::NotMostAdvanced {
@@ -73,6 +68,17 @@ pub fn may_promote(
         }),
         None => Err(Refusal::TooFewHeard { heard: 0, needed }),
     }
+}
+
+/// The name with the most advanced position; on equal positions the smaller name wins (so
+/// that every instance picks the same one from the same reports).
+pub fn most_advanced<'a, P: Ord>(
+    positions: impl IntoIterator<Item = (&'a str, P)>,
+) -> Option<&'a str> {
+    positions
+        .into_iter()
+        .max_by(|a, b| a.1.cmp(&b.1).then_with(|| b.0.cmp(a.0)))
+        .map(|(name, _)| name)
 }
 
 /// The primary's side: which synchronous set to ask for. With at least `number` standbys
@@ -119,10 +125,66 @@ fn quorum<'a>(number: usize, names: impl Iterator<Item = &'a String>) -> Sync {
     }
 }
 
-/// One step from what Postgres uses (`applied`) and what the Lease says (`published`)
+/// What Postgres may be using as its synchronous set. A new setting is in force once a new
+/// session shows it; until then Postgres may still use any set it had or was sent (a SIGHUP
+/// not yet acted on is acted on later, reading whatever the files then hold).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InForce {
+    /// A set covering every set Postgres may be using.
+    bound: Sync,
+    /// What the files hold, while no session has shown it yet.
+    unseen: Option<Sync>,
+}
+
+/// Before any setting: Postgres waits for nobody.
+impl Default for InForce {
+    fn default() -> Self {
+        Self::seen(Sync::Off)
+    }
+}
+
+impl InForce {
+    /// Postgres is seen using `sync` (or starts with it).
+    pub fn seen(sync: Sync) -> Self {
+        Self {
+            bound: sync,
+            unseen: None,
+        }
+    }
+
+    /// A set covering every set Postgres may be using.
+    pub fn bound(&self) -> &Sync {
+        &self.bound
+    }
+
+    /// `sync` was written and the configuration reloaded; `shown` says whether a new session
+    /// shows it.
+    pub fn sent(&mut self, sync: Sync, shown: bool) {
+        if shown {
+            *self = Self::seen(sync);
+        } else {
+            self.bound = cover(&self.bound, &sync);
+            self.unseen = Some(sync);
+        }
+    }
+}
+
+/// A set that every commit acknowledged under either `a` or `b` was acknowledged by, with the
+/// promotion rule's meaning: the union, with the smaller number. Off acknowledges without any
+/// standby, so it adds nothing.
+pub fn cover(a: &Sync, b: &Sync) -> Sync {
+    match (a, b) {
+        (Sync::Off, other) | (other, Sync::Off) => other.clone(),
+        (Sync::Quorum { number: a, set: p }, Sync::Quorum { number: b, set: t }) => {
+            quorum((*a).min(*b), p.iter().chain(t))
+        }
+    }
+}
+
+/// One step from what Postgres may use (`in_force`) and what the Lease says (`published`)
 /// towards `target`, keeping the promotion rule sound at every moment: the published set
-/// always contains the set Postgres waits for, with a number no larger. So a change first
-/// publishes the union (with the smaller number), then changes Postgres, then publishes the
+/// always covers every set Postgres may be waiting for. So a change first publishes the
+/// cover of both, then changes Postgres, and once a session shows the change publishes the
 /// target itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
@@ -131,22 +193,24 @@ pub enum Step {
     Done,
 }
 
-pub fn next_step(published: &Sync, applied: &Sync, target: &Sync) -> Step {
-    if applied == target {
+pub fn next_step(published: &Sync, in_force: &InForce, target: &Sync) -> Step {
+    let bound = in_force.bound();
+    if bound == target {
+        // The files may still hold an earlier target that Postgres is about to use.
+        if in_force.unseen.as_ref().is_some_and(|s| s != target) {
+            return Step::Apply(target.clone());
+        }
         return if published == target {
             Step::Done
         } else {
             Step::Publish(target.clone())
         };
     }
-    let cover = match (applied, target) {
+    let cover = match target {
         // Turning synchronous commit off: Postgres first (the published quorum stays the
         // stricter rule meanwhile).
-        (_, Sync::Off) => return Step::Apply(Sync::Off),
-        (Sync::Off, t) => t.clone(),
-        (Sync::Quorum { number: a, set: p }, Sync::Quorum { number: b, set: t }) => {
-            quorum((*a).min(*b), p.iter().chain(t))
-        }
+        Sync::Off => return Step::Apply(Sync::Off),
+        t => cover(bound, t),
     };
     if *published == cover {
         Step::Apply(target.clone())
@@ -172,6 +236,7 @@ pub fn standby_names(sync: &Sync) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::postgres::lsn::Lsn;
 
     fn set(names: &[&str]) -> Vec<String> {
         names.iter().map(|s| s.to_string()).collect()
@@ -324,51 +389,119 @@ mod tests {
         use Step::*;
         // Growing: publish b+c, apply b+c, done.
         assert_eq!(
-            next_step(&q(1, &["b"]), &q(1, &["b"]), &q(1, &["b", "c"])),
+            next_step(
+                &q(1, &["b"]),
+                &InForce::seen(q(1, &["b"])),
+                &q(1, &["b", "c"])
+            ),
             Publish(q(1, &["b", "c"]))
         );
         assert_eq!(
-            next_step(&q(1, &["b", "c"]), &q(1, &["b"]), &q(1, &["b", "c"])),
+            next_step(
+                &q(1, &["b", "c"]),
+                &InForce::seen(q(1, &["b"])),
+                &q(1, &["b", "c"])
+            ),
             Apply(q(1, &["b", "c"]))
         );
         assert_eq!(
-            next_step(&q(1, &["b", "c"]), &q(1, &["b", "c"]), &q(1, &["b", "c"])),
+            next_step(
+                &q(1, &["b", "c"]),
+                &InForce::seen(q(1, &["b", "c"])),
+                &q(1, &["b", "c"])
+            ),
             Done
         );
         // Shrinking: the union is already published; apply, then publish the smaller set.
         assert_eq!(
-            next_step(&q(1, &["b", "c"]), &q(1, &["b", "c"]), &q(1, &["b"])),
+            next_step(
+                &q(1, &["b", "c"]),
+                &InForce::seen(q(1, &["b", "c"])),
+                &q(1, &["b"])
+            ),
             Apply(q(1, &["b"]))
         );
         assert_eq!(
-            next_step(&q(1, &["b", "c"]), &q(1, &["b"]), &q(1, &["b"])),
+            next_step(
+                &q(1, &["b", "c"]),
+                &InForce::seen(q(1, &["b"])),
+                &q(1, &["b"])
+            ),
             Publish(q(1, &["b"]))
         );
         // Swapping members with a different number: union with the smaller number.
         assert_eq!(
-            next_step(&q(2, &["b", "c"]), &q(2, &["b", "c"]), &q(1, &["c", "d"])),
+            next_step(
+                &q(2, &["b", "c"]),
+                &InForce::seen(q(2, &["b", "c"])),
+                &q(1, &["c", "d"])
+            ),
             Publish(q(1, &["b", "c", "d"]))
         );
         // Off -> quorum: publish first. Quorum -> off: Postgres first.
         assert_eq!(
-            next_step(&Sync::Off, &Sync::Off, &q(1, &["b"])),
+            next_step(&Sync::Off, &InForce::seen(Sync::Off), &q(1, &["b"])),
             Publish(q(1, &["b"]))
         );
         assert_eq!(
-            next_step(&q(1, &["b"]), &Sync::Off, &q(1, &["b"])),
+            next_step(&q(1, &["b"]), &InForce::seen(Sync::Off), &q(1, &["b"])),
             Apply(q(1, &["b"]))
         );
         assert_eq!(
-            next_step(&q(1, &["b"]), &q(1, &["b"]), &Sync::Off),
+            next_step(&q(1, &["b"]), &InForce::seen(q(1, &["b"])), &Sync::Off),
             Apply(Sync::Off)
         );
         assert_eq!(
-            next_step(&q(1, &["b"]), &Sync::Off, &Sync::Off),
+            next_step(&q(1, &["b"]), &InForce::seen(Sync::Off), &Sync::Off),
             Publish(Sync::Off)
         );
         assert_eq!(
             standby_names(&q(1, &["pg-1", "pg-2"])).as_deref(),
             Some("ANY 1 (\"pg-1\", \"pg-2\")")
+        );
+    }
+
+    /// A setting sent but not yet shown by a session (a postmaster slow to act on its SIGHUP)
+    /// counts as possibly in force, next to the one before it.
+    #[test]
+    fn a_set_not_yet_shown_is_covered_until_it_is() {
+        use Step::*;
+        // Growing interrupted: b+c written, not shown. The published b+c covers both; when c
+        // leaves, b alone is not published while Postgres may still count on c.
+        let mut in_force = InForce::seen(q(1, &["b"]));
+        in_force.sent(q(1, &["b", "c"]), false);
+        assert_eq!(in_force.bound(), &q(1, &["b", "c"]));
+        assert_eq!(
+            next_step(&q(1, &["b", "c"]), &in_force, &q(1, &["b"])),
+            Apply(q(1, &["b"]))
+        );
+        in_force.sent(q(1, &["b"]), false);
+        assert_eq!(in_force.bound(), &q(1, &["b", "c"]));
+        assert_eq!(
+            next_step(&q(1, &["b", "c"]), &in_force, &q(1, &["b"])),
+            Apply(q(1, &["b"]))
+        );
+        in_force.sent(q(1, &["b"]), true);
+        assert_eq!(
+            next_step(&q(1, &["b", "c"]), &in_force, &q(1, &["b"])),
+            Publish(q(1, &["b"]))
+        );
+        // Swapping interrupted: b+c in force, c+d written; the target becomes the cover itself
+        // (b is back): the files must be brought to it rather than left at c+d.
+        let mut in_force = InForce::seen(q(1, &["b", "c"]));
+        in_force.sent(q(1, &["c", "d"]), false);
+        assert_eq!(in_force.bound(), &q(1, &["b", "c", "d"]));
+        assert_eq!(
+            next_step(&q(1, &["b", "c", "d"]), &in_force, &q(1, &["b", "c", "d"])),
+            Apply(q(1, &["b", "c", "d"]))
+        );
+        // Turning off, not yet shown: the quorum stays the bound and is applied again.
+        let mut in_force = InForce::seen(q(1, &["b"]));
+        in_force.sent(Sync::Off, false);
+        assert_eq!(in_force.bound(), &q(1, &["b"]));
+        assert_eq!(
+            next_step(&q(1, &["b"]), &in_force, &Sync::Off),
+            Apply(Sync::Off)
         );
     }
 

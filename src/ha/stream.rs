@@ -6,6 +6,9 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Trouble {
     Diverged(String),
+    /// The primary no longer has the WAL this standby needs: a new copy cures it, a rewind
+    /// cannot.
+    WalGone(String),
     Connecting(String),
     /// Nothing telling (divergence is often said at LOG level, which the recent-problems ring
     /// does not keep): treated as divergence, as before this classification existed.
@@ -21,6 +24,9 @@ const DIVERGED: &[&str] = &[
     "of the primary is behind recovery timeline",
     "no longer on the same timeline",
 ];
+
+/// Messages that mean the primary removed the WAL the standby asks for.
+const WAL_GONE: &[&str] = &["has already been removed"];
 
 /// Messages that mean the walreceiver cannot get a stream at all.
 const CONNECTING: &[&str] = &[
@@ -39,6 +45,9 @@ pub fn classify(recent: &[String]) -> Trouble {
         // point ... is ahead of the WAL flush position" is both.
         if DIVERGED.iter().any(|p| line.contains(p)) {
             return Trouble::Diverged(line.clone());
+        }
+        if WAL_GONE.iter().any(|p| line.contains(p)) {
+            return Trouble::WalGone(line.clone());
         }
         if CONNECTING.iter().any(|p| line.contains(p)) {
             return Trouble::Connecting(line.clone());
@@ -76,6 +85,11 @@ mod tests {
         );
         let slot = "could not start WAL streaming: ERROR:  replication slot \"pgwarden_pg_1\" does not exist";
         assert_eq!(classify(&lines(&[slot])), Trouble::Connecting(slot.into()));
+        let gone = "could not receive data from WAL stream: ERROR:  requested WAL segment 000000020000000000000004 has already been removed";
+        assert_eq!(
+            classify(&lines(&[auth, gone])),
+            Trouble::WalGone(gone.into())
+        );
         assert_eq!(classify(&lines(&["checkpoint complete"])), Trouble::Unknown);
         assert_eq!(classify(&[]), Trouble::Unknown);
     }

@@ -24,14 +24,7 @@ pub struct Request {
 
 /// Runs the switchover; `Ok` once `to` holds the Lease and is the cluster's primary.
 pub async fn run(r: Request) -> anyhow::Result<()> {
-    let config = kube::Config::infer().await.context(
-        "cannot find a Kubernetes configuration (KUBECONFIG, ~/.kube/config or in-cluster)",
-    )?;
-    let namespace = r
-        .namespace
-        .clone()
-        .unwrap_or_else(|| config.default_namespace.clone());
-    let client = Client::try_from(config).context("cannot build the Kubernetes client")?;
+    let (client, namespace) = crate::k8s::cli_client(r.namespace.clone()).await?;
     let clusters = crate::k8s::clusters(&client, &namespace);
     let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
     let lease_name = format!("{}-leader", r.cluster);

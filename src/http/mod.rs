@@ -5,6 +5,7 @@
 mod metrics;
 mod probes;
 pub mod status;
+pub mod transport;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,6 +44,8 @@ pub struct Shared {
     pub kubernetes: std::sync::OnceLock<Arc<crate::k8s::Shared>>,
     /// The WAL archiver, once started (when configured).
     pub wal: std::sync::OnceLock<crate::wal::Handle>,
+    /// The certificate while TLS is on: the listeners then speak HTTPS too.
+    pub tls: crate::tls::Current,
     /// How long a scrape waits for fresh metric queries before serving the cached ones.
     pub scrape_wait: Duration,
 }
@@ -80,6 +83,7 @@ pub async fn serve(
         axum::http::StatusCode::SERVICE_UNAVAILABLE,
         request_timeout,
     );
+    let tls = state.inner.tls.clone();
     let status_app = Router::new()
         .route("/healthz", get(probes::healthz))
         .route("/readyz", get(probes::readyz))
@@ -111,18 +115,13 @@ pub async fn serve(
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for the {name} server: {e}"))?;
         tracing::info!(%addr, server = name, "HTTP server listening");
-        let mut stop = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
-            let graceful = async move {
-                let _ = stop.wait_for(|s| *s).await;
-            };
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(graceful)
-                .await
-            {
-                tracing::error!(error = %e, server = name, "HTTP server failed");
-            }
-        }));
+        tasks.push(tokio::spawn(transport::serve(
+            listener,
+            app,
+            tls.clone(),
+            shutdown.clone(),
+            name,
+        )));
     }
     Ok(tasks)
 }

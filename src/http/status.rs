@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 
+use super::transport::Transport;
 use super::AppState;
 use crate::health::Health;
 use crate::monitor::snapshot::PgState;
@@ -38,6 +39,9 @@ pub struct StatusDoc {
     pub wal: Option<crate::wal::WalDoc>,
     /// High availability (the elector's view); null when it does not run.
     pub ha: Option<crate::ha::HaStatus>,
+    /// TLS while it is on: the serving certificate in use (never its key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::tls::TlsDoc>,
 }
 
 #[derive(Debug, Serialize, schemars::JsonSchema)]
@@ -75,39 +79,89 @@ pub struct Query {
     failsafe: Option<String>,
 }
 
+/// Whether a control request proves it comes from a member of the cluster: a client
+/// certificate from the cluster CA, or the failsafe token (an HMAC keyed with the replication
+/// Secret), over TLS while TLS is on (plain text would let anyone on the path replay it).
+/// Read-only status stays open to anyone.
+fn refusal(
+    k: &crate::k8s::Shared,
+    headers: &HeaderMap,
+    transport: Transport,
+    primary: &str,
+) -> Option<(StatusCode, &'static str, &'static str)> {
+    if transport == Transport::Plain && k.tls.borrow().is_some() {
+        return Some((
+            StatusCode::FORBIDDEN,
+            "plaintext",
+            "TLS is on: control requests are taken over HTTPS only\n",
+        ));
+    }
+    if transport == (Transport::Tls { member: true }) {
+        return None;
+    }
+    let Some(token) = headers
+        .get(crate::ha::failsafe::HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|t| !t.is_empty())
+    else {
+        return Some((
+            StatusCode::UNAUTHORIZED,
+            "missing_credentials",
+            "a failsafe request needs the cluster's token\n",
+        ));
+    };
+    let authentic = k
+        .replication_password
+        .borrow()
+        .as_deref()
+        .is_some_and(|pw| {
+            crate::ha::failsafe::verify(
+                pw,
+                &k.identity.cluster,
+                primary,
+                token,
+                std::time::SystemTime::now(),
+            )
+        });
+    (!authentic).then_some((
+        StatusCode::FORBIDDEN,
+        "invalid_credentials",
+        "the failsafe token is not the cluster's\n",
+    ))
+}
+
 pub async fn handler(
     State(state): State<AppState>,
     headers: HeaderMap,
+    transport: Option<axum::Extension<Transport>>,
     axum::extract::Query(q): axum::extract::Query<Query>,
 ) -> Response {
     let shared = &state.inner;
     let mut promised = None;
     if let (Some(primary), Some(k)) = (q.failsafe, shared.kubernetes.get()) {
-        let token = headers
-            .get(crate::ha::failsafe::HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let authentic = k
-            .replication_password
-            .borrow()
-            .as_deref()
-            .is_some_and(|pw| {
-                crate::ha::failsafe::verify(pw, &k.identity.cluster, &primary, token)
-            });
-        if !authentic {
-            // Read-only status stays open to anyone; a promise that blocks failover does not.
-            tracing::warn!(%primary, "refused a failsafe request without a valid token");
-            return (
-                StatusCode::FORBIDDEN,
-                "a failsafe request needs the cluster's token\n",
-            )
-                .into_response();
+        let transport = transport.map_or(Transport::Plain, |t| t.0);
+        if let Some((code, reason, message)) = refusal(k, &headers, transport, &primary) {
+            // Nothing changes: no promise, the member stays free to compete for the Lease.
+            tracing::warn!(%primary, reason, "refused a failsafe request");
+            shared
+                .metrics
+                .http_refused
+                .with_label_values(&[reason])
+                .inc();
+            let mut response = (code, message).into_response();
+            if code == StatusCode::UNAUTHORIZED {
+                response.headers_mut().insert(
+                    axum::http::header::WWW_AUTHENTICATE,
+                    axum::http::HeaderValue::from_static(crate::ha::failsafe::HEADER),
+                );
+            }
+            return response;
         }
         // Only to the instance this one last saw holding the Lease, and only while it cannot
         // reach the API server itself: one that can would see the Lease expire and is free to
         // take it.
         let holder = k.ha.borrow().as_ref().and_then(|h| h.leader.clone());
-        if !k.api_health().reachable && holder.as_deref() == Some(primary.as_str()) {
+        if holder.as_deref() == Some(primary.as_str()) && !k.api_answers_now().await {
             *k.failsafe_ack.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some((primary.clone(), Instant::now()));
             promised = Some(primary);
@@ -153,6 +207,11 @@ pub async fn handler(
         }),
         wal: shared.wal.get().map(|w| w.state.borrow().doc()),
         ha: shared.kubernetes.get().and_then(|k| k.ha.borrow().clone()),
+        tls: shared
+            .tls
+            .borrow()
+            .as_deref()
+            .map(crate::tls::Material::doc),
     })
     .into_response()
 }

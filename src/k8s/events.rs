@@ -1,11 +1,13 @@
 //! Kubernetes Events (`events.k8s.io/v1`) about the PostgresCluster, published best-effort:
-//! an unreachable API server delays or drops an Event, never the action it describes.
+//! an unreachable API server delays or drops an Event, never the action it describes. Each is
+//! sent by a task of its own (at most [`IN_FLIGHT`] at once, more are dropped and logged), so
+//! that the caller, often the loop that keeps the Lease, never waits on the API server.
 //!
 //! Each call creates its own Event. kube-runtime's recorder folds Events of the same reason
 //! into one series and keeps the first note, which would hide every later rejection message;
 //! pgwarden already publishes an Event only on a transition, so no folding is needed.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -18,6 +20,9 @@ use kube::{Api, Client};
 
 use super::Identity;
 
+/// Events being sent at most at once.
+const IN_FLIGHT: usize = 16;
+
 #[derive(Clone)]
 pub struct Events {
     api: Api<Event>,
@@ -25,6 +30,7 @@ pub struct Events {
     pod: String,
     timeout: Duration,
     sequence: Arc<AtomicU64>,
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl Events {
@@ -41,7 +47,18 @@ impl Events {
             pod: id.pod.clone(),
             timeout,
             sequence: Arc::default(),
+            in_flight: Arc::default(),
         }
+    }
+
+    /// Waits, at most `within`, for the Events being sent (before pgwarden exits).
+    pub async fn flush(&self, within: Duration) {
+        let sent = async {
+            while self.in_flight.load(Ordering::SeqCst) > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let _ = tokio::time::timeout(within, sent).await;
     }
 
     pub async fn normal(&self, reason: &str, note: String) {
@@ -82,15 +99,23 @@ impl Events {
             reporting_instance: Some(self.pod.clone()),
             ..Event::default()
         };
-        match tokio::time::timeout(
-            self.timeout,
-            self.api.create(&PostParams::default(), &event),
-        )
-        .await
-        {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, reason, "cannot publish an Event"),
-            Err(_) => tracing::warn!(reason, "publishing an Event timed out"),
+        if self.in_flight.fetch_add(1, Ordering::SeqCst) >= IN_FLIGHT {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(
+                reason,
+                "too many Events waiting for the API server; dropped"
+            );
+            return;
         }
+        let (api, timeout, in_flight) = (self.api.clone(), self.timeout, self.in_flight.clone());
+        let reason = reason.to_string();
+        tokio::spawn(async move {
+            match tokio::time::timeout(timeout, api.create(&PostParams::default(), &event)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, %reason, "cannot publish an Event"),
+                Err(_) => tracing::warn!(%reason, "publishing an Event timed out"),
+            }
+            in_flight.fetch_sub(1, Ordering::SeqCst);
+        });
     }
 }

@@ -9,6 +9,7 @@
 pub mod conditions;
 pub mod crd;
 pub mod events;
+pub mod follow;
 mod queries;
 mod reconcile;
 mod report;
@@ -50,6 +51,9 @@ pub struct ApiHealth {
     pub last_success: Option<Instant>,
 }
 
+/// How long a member waits for the API server before it answers a failsafe request.
+pub const FAILSAFE_PROBE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// State shared by the Kubernetes tasks.
 pub struct Shared {
     pub identity: Identity,
@@ -71,6 +75,10 @@ pub struct Shared {
     /// to a primary (by its `/pg/status?failsafe=<primary>` request) that it still follows it.
     /// It then does not compete for the Lease for a lease duration from that moment.
     pub failsafe_ack: Mutex<Option<(String, Instant)>>,
+    /// `status.backups`, from the backup scheduler; the reporter sends it while primary.
+    pub backups: watch::Sender<Option<crate::backup::spec::BackupsStatus>>,
+    /// This instance's certificate and the cluster CA while TLS is on (from the TLS task).
+    pub tls: watch::Sender<Option<Arc<crate::tls::Material>>>,
     pub client: Client,
 }
 
@@ -89,11 +97,8 @@ impl Shared {
         let mut h = self.api_health.lock().unwrap_or_else(|p| p.into_inner());
         match r {
             Err(e) if !e.answered() => {
-                if h.reachable || h.last_error.is_none() {
-                    tracing::warn!(error = %e, "Kubernetes API server unreachable; Postgres keeps serving");
-                }
-                h.reachable = false;
-                h.last_error = Some(e.to_string());
+                drop(h);
+                self.api_silent(&e.to_string());
             }
             _ => {
                 if !h.reachable {
@@ -103,6 +108,35 @@ impl Shared {
                 h.last_error = None;
                 h.last_success = Some(Instant::now());
             }
+        }
+    }
+
+    /// Records a call that got no answer: the API server is unreachable.
+    fn api_silent(&self, error: &str) {
+        let mut h = self.api_health.lock().unwrap_or_else(|p| p.into_inner());
+        if h.reachable || h.last_error.is_none() {
+            tracing::warn!(%error, "Kubernetes API server unreachable; Postgres keeps serving");
+        }
+        h.reachable = false;
+        h.last_error = Some(error.to_string());
+    }
+
+    /// Whether the API server answers right now: a read of the leader Lease within
+    /// [`FAILSAFE_PROBE`]. Asked before a failsafe promise, so that a member knows it is cut
+    /// off within that bound of the primary's question, not only after its own calls have
+    /// timed out (a black hole answers nothing and refuses nothing).
+    pub async fn api_answers_now(&self) -> bool {
+        let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+            kube::Api::namespaced(self.client.clone(), &self.identity.namespace);
+        let name = format!("{}-leader", self.identity.cluster);
+        let Ok(result) = tokio::time::timeout(FAILSAFE_PROBE, leases.get_opt(&name)).await else {
+            self.api_silent(&format!("no answer within {FAILSAFE_PROBE:?}"));
+            return false;
+        };
+        self.api_result(&result);
+        match &result {
+            Ok(_) => true,
+            Err(e) => e.answered(),
         }
     }
 
@@ -170,6 +204,8 @@ pub struct Start {
     pub max_standby_lag: watch::Sender<Option<u64>>,
     /// The WAL archiver, which `spec.walArchive` reconfigures.
     pub wal: Option<crate::wal::Handle>,
+    /// Where the TLS task publishes the certificates (read by the HTTP servers).
+    pub tls: watch::Sender<Option<Arc<crate::tls::Material>>>,
 }
 
 /// Connects to the API server (kubeconfig or in-cluster) and starts the tasks. Returns `None`
@@ -196,11 +232,10 @@ pub async fn start(s: Start) -> anyhow::Result<Option<Arc<Shared>>> {
         .clone()
         .or_else(|| std::env::var("POD_NAME").ok())
         .unwrap_or_else(|| s.config.instance_name.clone());
-    let address = k
-        .advertise_address
-        .clone()
-        .or_else(|| k.pod_ip.clone())
-        .or_else(|| std::env::var("POD_IP").ok());
+    let pod_ip = k.pod_ip.clone().or_else(|| std::env::var("POD_IP").ok());
+    let address = k.advertise_address.clone().or_else(|| pod_ip.clone());
+    // The serving certificate names both (peers may be told either).
+    let tls_addresses: Vec<String> = address.iter().chain(pod_ip.iter()).cloned().collect();
     let client = Client::try_from(kube_config).context("cannot build the Kubernetes client")?;
     let identity = Identity {
         cluster,
@@ -222,12 +257,15 @@ pub async fn start(s: Start) -> anyhow::Result<Option<Arc<Shared>>> {
         replication_password: watch::channel(None).0,
         ha: watch::channel(None).0,
         failsafe_ack: Mutex::default(),
+        backups: watch::channel(None).0,
+        tls: s.tls,
         client: client.clone(),
     });
     let events = events::Events::new(client.clone(), &shared.identity, k.api_timeout);
     let (secrets_tx, secrets_rx) = watch::channel(None);
     let (queries_tx, queries_rx) = watch::channel(None);
     let (wal_creds_tx, wal_creds_rx) = watch::channel(None);
+    let (source_creds_tx, source_creds_rx) = watch::channel(None);
 
     tokio::spawn(
         reconcile::Reconciler {
@@ -239,6 +277,7 @@ pub async fn start(s: Start) -> anyhow::Result<Option<Arc<Shared>>> {
             secrets: secrets_tx,
             queries: queries_tx,
             wal_credentials: wal_creds_tx,
+            source_credentials: source_creds_tx,
             max_standby_lag: s.max_standby_lag,
             default_max_standby_lag: s.config.probes.max_standby_lag_bytes,
             wal: s.wal.clone(),
@@ -268,6 +307,28 @@ pub async fn start(s: Start) -> anyhow::Result<Option<Arc<Shared>>> {
         }
         .run(wal_creds_rx),
     );
+    // The archive a new cluster is restored from has its own credentials.
+    tokio::spawn(
+        wal_credentials::WalCredentialsTask {
+            client: client.clone(),
+            shared: shared.clone(),
+            events: events.clone(),
+            dir: crate::backup::bootstrap::source_credentials_dir(&s.base.run_dir),
+        }
+        .run(source_creds_rx),
+    );
+    tokio::spawn(
+        crate::tls::task::TlsTask {
+            client: client.clone(),
+            shared: shared.clone(),
+            events: events.clone(),
+            postmaster: s.postmaster.clone(),
+            run_dir: s.base.run_dir.clone(),
+            addresses: tls_addresses,
+            api_timeout: k.api_timeout,
+        }
+        .run(),
+    );
     tokio::spawn(
         queries::QueriesTask {
             client: client.clone(),
@@ -296,6 +357,19 @@ pub async fn start(s: Start) -> anyhow::Result<Option<Arc<Shared>>> {
 
 /// Watches are asked to end after this long and are then resumed from their resourceVersion.
 pub const WATCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// For command-line tools (`pgwarden backup --cluster`): a client from the environment
+/// (KUBECONFIG, ~/.kube/config or in-cluster) and the namespace, `namespace` or the
+/// configuration's.
+pub async fn cli_client(namespace: Option<String>) -> anyhow::Result<(Client, String)> {
+    use anyhow::Context;
+    let config = kube::Config::infer().await.context(
+        "cannot find a Kubernetes configuration (KUBECONFIG, ~/.kube/config or in-cluster)",
+    )?;
+    let namespace = namespace.unwrap_or_else(|| config.default_namespace.clone());
+    let client = Client::try_from(config).context("cannot build the Kubernetes client")?;
+    Ok((client, namespace))
+}
 
 pub fn clusters(client: &Client, namespace: &str) -> Api<DynamicObject> {
     let ar = ApiResource::erase::<PostgresCluster>(&());

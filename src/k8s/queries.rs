@@ -6,12 +6,12 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
 use tokio::sync::watch;
 
 use super::crd::KeyRef;
 use super::events::Events;
+use super::follow;
 use super::Shared;
 use crate::monitor::queries::{self, QuerySpec};
 
@@ -23,35 +23,23 @@ pub struct QueriesTask {
 }
 
 impl QueriesTask {
-    pub async fn run(self, mut source: watch::Receiver<Option<KeyRef>>) {
-        loop {
-            let current = source.borrow_and_update().clone();
-            match current {
-                Some(r) => {
-                    tokio::select! {
-                        () = self.follow(&r) => {}
-                        _ = source.changed() => {}
-                    }
-                }
-                None => {
-                    self.out.send_replace(Vec::new());
-                    if source.changed().await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
+    pub async fn run(self, source: watch::Receiver<Option<KeyRef>>) {
+        let me = &self;
+        follow::current(
+            source,
+            |r| async move { me.follow(&r).await },
+            || {
+                me.out.send_replace(Vec::new());
+            },
+        )
+        .await;
     }
 
     async fn follow(&self, r: &KeyRef) {
         let api: Api<ConfigMap> =
             Api::namespaced(self.client.clone(), &self.shared.identity.namespace);
-        let cfg = watcher::Config::default()
-            .fields(&format!("metadata.name={}", r.name))
-            .timeout(super::WATCH_TIMEOUT.as_secs() as u32);
-        let mut stream = std::pin::pin!(watcher(api, cfg).default_backoff().applied_objects());
+        let mut stream = std::pin::pin!(follow::named(api, &r.name, self.shared.clone()));
         while let Some(result) = stream.next().await {
-            self.shared.api_result(&result);
             let Ok(cm) = result else { continue };
             let text = cm.data.as_ref().and_then(|d| d.get(&r.key)).cloned();
             let parsed = match text {

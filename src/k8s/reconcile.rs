@@ -35,6 +35,8 @@ pub struct Reconciler {
     pub queries: watch::Sender<Option<KeyRef>>,
     /// The Secret with the WAL archive's S3 credentials, for its follower.
     pub wal_credentials: watch::Sender<Option<String>>,
+    /// The Secret of `spec.bootstrap.recovery.source`'s credentials.
+    pub source_credentials: watch::Sender<Option<String>>,
     pub max_standby_lag: watch::Sender<Option<u64>>,
     pub default_max_standby_lag: Option<u64>,
     /// The WAL archiver and pgwarden's own `[wal]` settings, which `spec.walArchive` layers on.
@@ -140,6 +142,14 @@ impl Reconciler {
                 .and_then(|s3| s3.credentials_secret.clone()),
         );
         send_if_changed(
+            &self.source_credentials,
+            spec.bootstrap
+                .as_ref()
+                .and_then(|b| b.recovery.as_ref())
+                .and_then(|r| r.source.s3.as_ref())
+                .and_then(|s3| s3.credentials_secret.clone()),
+        );
+        send_if_changed(
             &self.max_standby_lag,
             spec.probes
                 .max_standby_lag_bytes
@@ -160,6 +170,15 @@ impl Reconciler {
             s.parameters.insert(name.clone(), value.0.clone());
         }
         s.pg_hba.extend(spec.postgresql.pg_hba.iter().cloned());
+        // The certificate files come from the TLS task (the postmaster actor keeps them).
+        let tls = &spec.postgresql.tls;
+        s.ssl.required = tls.mode == crd::TlsMode::Required;
+        if tls.mode != crd::TlsMode::Off
+            && tls.replication_auth == crd::ReplicationAuth::Certificate
+        {
+            s.ssl.replication_certificates =
+                crate::postgres::hba::replication_certificates(&self.shared.identity.cluster);
+        }
         // WAL archiving: the daemon takes the layered settings; Postgres gets the commands
         // (archive_mode needs a restart, which the pending-restart logic below applies).
         let wal = match &spec.wal_archive {
@@ -323,4 +342,46 @@ fn parse(obj: &DynamicObject, api_timeout: Duration) -> Result<crd::ParsedSpec, 
         )]);
     }
     Ok(parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn object(renew_deadline: u32) -> DynamicObject {
+        serde_json::from_value(json!({
+            "apiVersion": "pgwarden.dev/v1",
+            "kind": "PostgresCluster",
+            "metadata": {"name": "pg", "namespace": "default"},
+            "spec": {
+                "instances": 3,
+                "secrets": {"superuser": {"name": "su"}, "replication": {"name": "repl"}},
+                "failover": {
+                    "leaseDurationSeconds": 20,
+                    "renewDeadlineSeconds": renew_deadline,
+                    "retryPeriodSeconds": 2
+                }
+            }
+        }))
+        .expect("a PostgresCluster")
+    }
+
+    /// A renewal allowed to take the whole renew deadline would end every slow renewal in a
+    /// fence: such timings are refused, naming both keys.
+    #[test]
+    fn a_renew_deadline_not_longer_than_api_timeout_is_refused() {
+        let timeout = Duration::from_secs(5);
+        for deadline in [4, 5] {
+            let problems = parse(&object(deadline), timeout).expect_err("refused");
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert!(
+                problems[0].contains("spec.failover.renewDeadlineSeconds")
+                    && problems[0].contains("kubernetes.api_timeout"),
+                "{problems:?}"
+            );
+        }
+        assert!(parse(&object(6), timeout).is_ok());
+        assert!(parse(&object(5), Duration::from_millis(4900)).is_ok());
+    }
 }

@@ -54,7 +54,21 @@ impl Reporter {
             .unwrap_or_else(Instant::now);
         let mut label_sent: Option<&'static str> = None;
         let mut health_seen: Option<Health> = None;
+        let mut crashes_seen = self.status.borrow().crashes;
         loop {
+            // Every crash, counted, not sampled: the first one in the window restarts at once,
+            // so "restarting" may never be seen by a report.
+            let crashes = self.status.borrow().crashes;
+            if crashes > crashes_seen {
+                let id = &self.shared.identity.pod;
+                self.events
+                    .warning(
+                        "PostgresCrashed",
+                        format!("postgres on {id} exited unexpectedly; restarting"),
+                    )
+                    .await;
+                crashes_seen = crashes;
+            }
             let report = self.report();
             let changed = last.as_ref() != Some(&report);
             if changed || last_sent.elapsed() >= self.interval {
@@ -167,14 +181,6 @@ impl Reporter {
                     )
                     .await;
             }
-            (_, "restarting") => {
-                self.events
-                    .warning(
-                        "PostgresCrashed",
-                        format!("postgres on {id} exited unexpectedly; restarting"),
-                    )
-                    .await;
-            }
             (_, "failed") => {
                 self.events
                     .warning(
@@ -200,6 +206,9 @@ impl Reporter {
                 "Degraded"
             });
             status["readyInstances"] = json!(self.ready_instances(&id.pod, report.entry.ready));
+            if let Some(b) = self.shared.backups.borrow().clone() {
+                status["backups"] = json!(b);
+            }
         }
         let patch = Patch::Merge(json!({ "status": status }));
         let result = tokio::time::timeout(

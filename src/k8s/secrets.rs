@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
 use tokio::sync::watch;
 
 use super::crd::{KeyRef, SecretsSpec};
 use super::events::Events;
+use super::follow;
 use super::Shared;
 use crate::config::PostgresConfig;
 use crate::monitor::snapshot::Role;
@@ -42,23 +42,9 @@ enum Purpose {
 }
 
 impl SecretsTask {
-    pub async fn run(self, mut spec: watch::Receiver<Option<SecretsSpec>>) {
-        loop {
-            let current = spec.borrow_and_update().clone();
-            match current {
-                Some(s) => {
-                    tokio::select! {
-                        () = self.follow(&s) => {}
-                        _ = spec.changed() => {}
-                    }
-                }
-                None => {
-                    if spec.changed().await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
+    pub async fn run(self, spec: watch::Receiver<Option<SecretsSpec>>) {
+        let me = &self;
+        follow::current(spec, |s| async move { me.follow(&s).await }, || {}).await;
     }
 
     /// Watches both Secrets and applies their passwords until the references change.
@@ -66,13 +52,8 @@ impl SecretsTask {
         let api: Api<Secret> =
             Api::namespaced(self.client.clone(), &self.shared.identity.namespace);
         let watch_one = |purpose: Purpose, r: &KeyRef| {
-            let cfg = watcher::Config::default()
-                .fields(&format!("metadata.name={}", r.name))
-                .timeout(super::WATCH_TIMEOUT.as_secs() as u32);
             let key = r.key.clone();
-            watcher(api.clone(), cfg)
-                .default_backoff()
-                .applied_objects()
+            follow::named(api.clone(), &r.name, self.shared.clone())
                 .map(move |r| (purpose, key.clone(), r))
         };
         let mut stream = std::pin::pin!(futures::stream::select(
@@ -86,7 +67,6 @@ impl SecretsTask {
         loop {
             tokio::select! {
                 Some((purpose, key, result)) = stream.next() => {
-                    self.shared.api_result(&result);
                     let Ok(secret) = result else { continue };
                     let name = secret.metadata.name.clone().unwrap_or_default();
                     match password(&secret, &key) {

@@ -9,11 +9,11 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
 use tokio::sync::watch;
 
 use super::events::Events;
+use super::follow;
 use super::Shared;
 
 /// Keys copied from the Secret; the first two are required.
@@ -36,34 +36,16 @@ pub struct WalCredentialsTask {
 }
 
 impl WalCredentialsTask {
-    pub async fn run(self, mut source: watch::Receiver<Option<String>>) {
-        loop {
-            let current = source.borrow_and_update().clone();
-            match current {
-                Some(name) => {
-                    tokio::select! {
-                        () = self.follow(&name) => {}
-                        _ = source.changed() => {}
-                    }
-                }
-                None => {
-                    if source.changed().await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
+    pub async fn run(self, source: watch::Receiver<Option<String>>) {
+        let me = &self;
+        follow::current(source, |name| async move { me.follow(&name).await }, || {}).await;
     }
 
     async fn follow(&self, name: &str) {
         let api: Api<Secret> =
             Api::namespaced(self.client.clone(), &self.shared.identity.namespace);
-        let cfg = watcher::Config::default()
-            .fields(&format!("metadata.name={name}"))
-            .timeout(super::WATCH_TIMEOUT.as_secs() as u32);
-        let mut stream = std::pin::pin!(watcher(api, cfg).default_backoff().applied_objects());
+        let mut stream = std::pin::pin!(follow::named(api, name, self.shared.clone()));
         while let Some(result) = stream.next().await {
-            self.shared.api_result(&result);
             let Ok(secret) = result else { continue };
             match self.write(&secret) {
                 Ok(()) => tracing::info!(secret = %name, "WAL archive credentials updated"),

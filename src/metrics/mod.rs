@@ -20,8 +20,14 @@ pub struct Metrics {
     pub query_errors: IntCounterVec,
     pub probe_requests: IntCounterVec,
     pub http_duration: HistogramVec,
+    /// Control requests refused, by reason (see [`REFUSAL_REASONS`]).
+    pub http_refused: IntCounterVec,
     pub scrapes: IntCounter,
 }
+
+/// Why a request that would change what the instance does was refused: no credentials
+/// (401), wrong ones (403), or plain HTTP while TLS is on (403).
+pub const REFUSAL_REASONS: [&str; 3] = ["missing_credentials", "invalid_credentials", "plaintext"];
 
 impl Metrics {
     pub fn new() -> prometheus::Result<Metrics> {
@@ -53,11 +59,22 @@ impl Metrics {
             .buckets(exponential_buckets(0.0001, 4.0, 9)?),
             &["server", "path", "code"],
         )?;
+        let http_refused = IntCounterVec::new(
+            Opts::new(
+                "pgwarden_http_refused_requests_total",
+                "Control requests (the failsafe promise) refused for want of a member's proof, by reason",
+            ),
+            &["reason"],
+        )?;
+        for reason in REFUSAL_REASONS {
+            http_refused.with_label_values(&[reason]);
+        }
         let scrapes = IntCounter::new("pgwarden_scrapes_total", "Metric scrapes served")?;
         registry.register(Box::new(loop_duration.clone()))?;
         registry.register(Box::new(query_errors.clone()))?;
         registry.register(Box::new(probe_requests.clone()))?;
         registry.register(Box::new(http_duration.clone()))?;
+        registry.register(Box::new(http_refused.clone()))?;
         registry.register(Box::new(scrapes.clone()))?;
         Ok(Metrics {
             registry,
@@ -65,6 +82,7 @@ impl Metrics {
             query_errors,
             probe_requests,
             http_duration,
+            http_refused,
             scrapes,
         })
     }

@@ -73,8 +73,8 @@ struct RawColumn {
 /// Parses a queries file. A malformed file is an error; a malformed query inside a well-formed
 /// file is kept and marked invalid so the other queries still run.
 pub fn parse(yaml: &str) -> Result<Vec<QuerySpec>, String> {
-    let raw: BTreeMap<String, serde_yaml::Value> =
-        serde_yaml::from_str(yaml).map_err(|e| e.to_string())?;
+    let raw: BTreeMap<String, serde_norway::Value> =
+        serde_norway::from_str(yaml).map_err(|e| e.to_string())?;
     let mut specs = Vec::with_capacity(raw.len());
     for (name, value) in raw {
         let mut spec = QuerySpec {
@@ -85,7 +85,7 @@ pub fn parse(yaml: &str) -> Result<Vec<QuerySpec>, String> {
             columns: Vec::new(),
             invalid: None,
         };
-        match serde_yaml::from_value::<RawQuery>(value) {
+        match serde_norway::from_value::<RawQuery>(value) {
             Ok(q) => {
                 spec.query = q.query;
                 spec.primary_only = q.primary || q.master;

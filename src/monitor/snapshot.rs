@@ -12,8 +12,14 @@ use crate::postgres::lsn::Lsn;
 const INSTANCE: &str = "
 SELECT pg_is_in_recovery(),
        CASE WHEN pg_is_in_recovery()
-            THEN coalesce((SELECT received_tli FROM pg_stat_wal_receiver),
-                          (SELECT timeline_id FROM pg_control_checkpoint()))
+            -- A standby's newest timeline: its WAL receiver's, the last restartpoint's (which
+            -- lags), or the newest history file it holds (received before it follows a
+            -- timeline switch): without a receiver, as during a failover, the restartpoint
+            -- alone would understate it.
+            THEN greatest((SELECT received_tli FROM pg_stat_wal_receiver),
+                          (SELECT timeline_id FROM pg_control_checkpoint()),
+                          (SELECT max(('x' || substr(name, 1, 8))::bit(32)::int)
+                             FROM pg_ls_waldir() WHERE name ~ '^[0-9A-F]{8}[.]history$'))
             ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int
        END,
        (SELECT system_identifier FROM pg_control_system())::text,

@@ -43,7 +43,7 @@ impl Binaries {
     /// The tools pgwarden runs besides `postgres`: a missing one is found at start, not at
     /// the first failover.
     pub fn check_tools(&self) -> Result<(), BinariesError> {
-        for name in ["initdb", "pg_basebackup", "pg_rewind", "pg_controldata"] {
+        for name in ["initdb", "pg_basebackup", "pg_rewind"] {
             let path = self.tool(name);
             if !path.is_file() {
                 return Err(BinariesError::Tool(path));

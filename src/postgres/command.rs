@@ -1,5 +1,5 @@
 //! Every PostgreSQL program pgwarden runs (postgres itself, initdb, pg_basebackup, pg_rewind,
-//! pg_controldata, pg_config) starts from [`command`].
+//! pg_config) starts from [`command`].
 //!
 //! Children inherit pgwarden's environment, and libpq takes its defaults from variables that
 //! images and operators commonly set for their own clients: with `PGPASSWORD` set, libpq

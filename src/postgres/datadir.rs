@@ -264,6 +264,26 @@ pub fn staging_dir(data: &Path, purpose: &str) -> PathBuf {
     data.with_file_name(format!("{name}.pgwarden-{purpose}"))
 }
 
+/// The newest timeline this data directory's WAL was written on, from the names of the
+/// segments and history files in `pg_wal` (the control file's checkpoint may predate a
+/// promotion). `None` when `pg_wal` holds neither.
+pub fn newest_wal_timeline(data: &Path) -> std::io::Result<Option<u32>> {
+    let mut newest = None;
+    for entry in std::fs::read_dir(data.join("pg_wal"))? {
+        let name = entry?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let tli = match name.split_once('.') {
+            Some((tli, "history")) if tli.len() == 8 => tli,
+            None if name.len() == 24 => &name[..8],
+            _ => continue,
+        };
+        if let Ok(tli) = u32::from_str_radix(tli, 16) {
+            newest = newest.max(Some(tli));
+        }
+    }
+    Ok(newest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,5 +358,22 @@ mod tests {
         let r = classify(&d);
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
         assert!(matches!(r, Err(DataDirError::Unreadable { .. })), "{r:?}");
+    }
+
+    #[test]
+    fn newest_wal_timeline_reads_segment_and_history_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("pg_wal");
+        std::fs::create_dir_all(wal.join("archive_status")).unwrap();
+        assert_eq!(newest_wal_timeline(dir.path()).unwrap(), None);
+        for name in [
+            "000000030000000000000004",
+            "00000004.history",
+            "000000020000000000000009.partial",
+            "000000050000000000000001.00000028.backup",
+        ] {
+            std::fs::write(wal.join(name), b"").unwrap();
+        }
+        assert_eq!(newest_wal_timeline(dir.path()).unwrap(), Some(4));
     }
 }

@@ -5,8 +5,11 @@ pub mod binaries;
 pub mod command;
 pub mod conf;
 pub mod connect;
+pub mod control;
 pub mod datadir;
+pub mod hba;
 pub mod log;
 pub mod lsn;
+pub mod server;
 
 pub use command::command;

@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use super::format::{self, Compression};
+use super::identity;
 use super::names;
 use super::socket::{Call, Request, Response};
 use super::store::{self, Put, Store};
@@ -137,7 +138,10 @@ pub async fn archive_file(
                 path.display()
             )))
         }
-        Ok(Ok(Ok(v))) => v,
+        Ok(Ok(Ok((content_len, Ok(object))))) => (content_len, object),
+        Ok(Ok(Ok((_, Err(e))))) => {
+            return Err(ArchiveError::Failed(format!("encoding {name}: {e}")))
+        }
     };
     let object_len = object.len() as u64;
     let mine = format::sha256_of_object(&object);
@@ -164,6 +168,12 @@ pub struct Archiver {
     current: Option<(Arc<Settings>, Result<Store, String>)>,
     /// When an unusable destination is tried again.
     store_retry_at: Option<Instant>,
+    /// The destination confirmed to hold this database's history (see `wal::identity`):
+    /// nothing is uploaded anywhere else.
+    claimed: Option<String>,
+    /// When a claim that could not be decided (the store or pg_control unreadable) is tried
+    /// again.
+    claim_retry_at: Option<Instant>,
     state: watch::Sender<WalState>,
     metrics: WalMetrics,
     observation: watch::Receiver<Observation>,
@@ -197,6 +207,8 @@ impl Archiver {
             settings,
             current: None,
             store_retry_at: None,
+            claimed: None,
+            claim_retry_at: None,
             state,
             metrics,
             observation,
@@ -244,9 +256,9 @@ impl Archiver {
     fn reconfigure(&mut self) {
         let new = self.settings.borrow_and_update().clone();
         self.current = new.map(|s| {
-            let store = s.open_store();
+            let store = s.open_archive();
             match &store {
-                Ok(st) => tracing::info!(destination = %st.url, compression = s.compression.as_str(), parallelism = s.parallelism, "WAL archiving on"),
+                Ok(st) => tracing::info!(destination = %st.url, compression = s.wal.compression.as_str(), parallelism = s.parallelism(), "WAL archiving on"),
                 Err(e) => tracing::error!(error = %e, "WAL archive destination unusable"),
             }
             (s, store)
@@ -268,7 +280,7 @@ impl Archiver {
             return;
         }
         self.store_retry_at = Some(Instant::now() + RETRY);
-        if let Ok(store) = settings.open_store() {
+        if let Ok(store) = settings.open_archive() {
             tracing::info!(destination = %store.url, "WAL archive destination usable now");
             let settings = settings.clone();
             self.current = Some((settings, Ok(store)));
@@ -291,7 +303,10 @@ impl Archiver {
             return;
         }
         self.retry_unusable_store();
-        let upload_ahead = self.current.as_ref().is_some_and(|(s, _)| s.upload_ahead);
+        let upload_ahead = self
+            .current
+            .as_ref()
+            .is_some_and(|(s, _)| s.wal.upload_ahead);
         let ahead = upload_ahead && (self.draining.is_some() || self.primary());
         let dir = self.data_dir.join("pg_wal/archive_status");
         let listed = tokio::time::timeout(
@@ -325,6 +340,7 @@ impl Archiver {
         if let Some(d) = &mut self.draining {
             d.scanned = true;
         }
+        self.claim().await;
     }
 
     fn request(&mut self, req: Request, reply: oneshot::Sender<Response>) {
@@ -351,12 +367,57 @@ impl Archiver {
         self.waiters.entry(name).or_default().push(reply);
     }
 
+    /// Confirms (once per destination) that the destination holds this database's history;
+    /// one that holds another's becomes unusable, tried again a minute later.
+    async fn claim(&mut self) {
+        const FOREIGN_RETRY: Duration = Duration::from_secs(60);
+        let Some((settings, Ok(store))) = &self.current else {
+            return;
+        };
+        const UNDECIDED_RETRY: Duration = Duration::from_secs(3);
+        if self.claimed.as_deref() == Some(store.url.as_str()) {
+            return;
+        }
+        // Claimed by whoever has WAL to upload (the primary, or a standby draining): never by
+        // an instance with nothing to archive, which might hold another database's data.
+        let work = self
+            .entries
+            .values()
+            .any(|e| matches!(e.seg, Seg::Queued | Seg::Failed { .. }));
+        if !work || self.claim_retry_at.is_some_and(|t| t > Instant::now()) {
+            return;
+        }
+        match identity::claim(store, &self.data_dir).await {
+            Ok(()) => self.claimed = Some(store.url.clone()),
+            Err(e @ identity::IdentityError::Foreign { .. }) => {
+                tracing::error!(error = %e, "WAL archive destination refused");
+                let error = e.to_string();
+                // archive_command calls waiting for an upload get the refusal now, not
+                // their own timeout.
+                for reply in self.waiters.drain().flat_map(|(_, r)| r) {
+                    let _ = reply.send(Response::Failed {
+                        error: error.clone(),
+                    });
+                }
+                self.current = Some((settings.clone(), Err(error)));
+                self.store_retry_at = Some(Instant::now() + FOREIGN_RETRY);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "WAL archiving waits");
+                self.claim_retry_at = Some(Instant::now() + UNDECIDED_RETRY);
+            }
+        }
+    }
+
     fn dispatch(&mut self) {
         let Some((settings, Ok(store))) = &self.current else {
             return;
         };
+        if self.claimed.as_deref() != Some(store.url.as_str()) {
+            return;
+        }
         let now = Instant::now();
-        while self.uploads.len() < settings.parallelism {
+        while self.uploads.len() < settings.parallelism() {
             let Some(k) = pick(&self.entries, now) else {
                 break;
             };
@@ -365,7 +426,7 @@ impl Archiver {
             };
             entry.seg = Seg::Uploading;
             let (store, name, path) = (store.clone(), k.1.clone(), entry.path.clone());
-            let (compression, timeout) = (settings.compression, settings.io_timeout);
+            let (compression, timeout) = (settings.wal.compression, settings.wal.io_timeout);
             self.uploads.spawn(async move {
                 let started = Instant::now();
                 let r = archive_file(&store, compression, &name, &path, timeout).await;
@@ -413,7 +474,7 @@ impl Archiver {
                 self.last_error = Some((name.clone(), error.clone(), Instant::now()));
                 let (initial, max) = self.current.as_ref().map_or(
                     (Duration::from_secs(1), Duration::from_secs(30)),
-                    |(s, _)| (s.retry_initial, s.retry_max),
+                    |(s, _)| (s.wal.retry_initial, s.wal.retry_max),
                 );
                 if let Some(entry) = self.entries.get_mut(&k) {
                     let attempts = match &entry.seg {

@@ -61,7 +61,7 @@ pub fn wal_archive(settings_file: &Path, wal_path: &Path) -> i32 {
             name: name.clone(),
             path: path.clone(),
         };
-        match socket::call(&settings.socket, &req, settings.command_timeout).await {
+        match socket::call(&settings.socket, &req, settings.wal.command_timeout).await {
             Ok(Response::Archived) => 0,
             Ok(Response::Failed { error }) => {
                 eprintln!("pgwarden wal-archive: {error}");
@@ -82,19 +82,23 @@ pub fn wal_archive(settings_file: &Path, wal_path: &Path) -> i32 {
 
 /// Archives one file without the daemon.
 async fn archive_alone(settings: &Settings, name: &str, path: &Path) -> i32 {
-    let store = match settings.open_store() {
+    let store = match settings.open_archive() {
         Ok(s) => s,
         Err(e) => {
             eprintln!("pgwarden wal-archive: {e}");
             return 1;
         }
     };
+    if let Err(e) = super::identity::claim(&store, &settings.data_dir).await {
+        eprintln!("pgwarden wal-archive: {e}");
+        return 1;
+    }
     match archive_file(
         &store,
-        settings.compression,
+        settings.wal.compression,
         name,
         path,
-        settings.io_timeout,
+        settings.wal.io_timeout,
     )
     .await
     {
@@ -129,7 +133,7 @@ pub fn wal_restore(settings_file: &Path, name: &str, dest: &Path) -> i32 {
         let req = Request::Restore {
             name: name.to_string(),
         };
-        match socket::call(&settings.socket, &req, settings.command_timeout).await {
+        match socket::call(&settings.socket, &req, settings.wal.command_timeout).await {
             Ok(Response::Restored { path }) => match restore::hand_over(&path, &dest) {
                 Ok(()) => 0,
                 Err(e) => {

@@ -83,6 +83,8 @@ pub enum FormatError {
     TooLarge(u64),
     #[error("payload cannot be decompressed: {0}")]
     Decompress(String),
+    #[error("content cannot be compressed: {0}")]
+    Compress(String),
     #[error("length mismatch: header says {expected} bytes, payload has {actual}")]
     Length { expected: u64, actual: u64 },
     #[error("checksum mismatch: header says sha256 {expected}, content has {actual}")]
@@ -155,7 +157,7 @@ pub fn sha256_of_object(object: &[u8]) -> [u8; 32] {
 }
 
 /// Header + compressed payload for `content`. CPU-bound: call from a blocking thread.
-pub fn encode(content: &[u8], compression: Compression) -> Vec<u8> {
+pub fn encode(content: &[u8], compression: Compression) -> Result<Vec<u8>, FormatError> {
     let header = Header::of(content, compression);
     let mut out = Vec::with_capacity(HEADER_LEN + content.len() / 2);
     out.extend_from_slice(&header.to_bytes());
@@ -165,16 +167,19 @@ pub fn encode(content: &[u8], compression: Compression) -> Vec<u8> {
             // Level 1: WAL compresses well even so, and a 16 MiB segment stays well under a
             // second on one core.
             let mut enc = flate2::write::GzEncoder::new(out, flate2::Compression::fast());
-            // Writing into a Vec cannot fail.
-            let _ = enc.write_all(content);
-            out = enc.finish().unwrap_or_default();
+            enc.write_all(content)
+                .map_err(|e| FormatError::Compress(e.to_string()))?;
+            out = enc
+                .finish()
+                .map_err(|e| FormatError::Compress(e.to_string()))?;
         }
         Compression::Zstd => {
-            let compressed = zstd::bulk::compress(content, 3).unwrap_or_default();
+            let compressed = zstd::bulk::compress(content, 3)
+                .map_err(|e| FormatError::Compress(e.to_string()))?;
             out.extend_from_slice(&compressed);
         }
     }
-    out
+    Ok(out)
 }
 
 /// Decompresses and verifies an object: the content is returned only when its length and
@@ -235,7 +240,7 @@ mod tests {
     fn round_trips_with_every_compression() {
         let content = sample();
         for c in [Compression::None, Compression::Gzip, Compression::Zstd] {
-            let obj = encode(&content, c);
+            let obj = encode(&content, c).unwrap();
             let (h, back) = decode(&obj).unwrap();
             assert_eq!(back, content, "{c:?}");
             assert_eq!(h.compression, c);
@@ -245,7 +250,7 @@ mod tests {
                 assert!(obj.len() < content.len() / 4, "{c:?} compresses");
             }
         }
-        let (_, empty) = decode(&encode(&[], Compression::Zstd)).unwrap();
+        let (_, empty) = decode(&encode(&[], Compression::Zstd).unwrap()).unwrap();
         assert!(empty.is_empty());
     }
 
@@ -253,7 +258,7 @@ mod tests {
     fn corruption_is_detected() {
         let content = sample();
         for c in [Compression::None, Compression::Gzip, Compression::Zstd] {
-            let obj = encode(&content, c);
+            let obj = encode(&content, c).unwrap();
             // A flipped payload byte: decompression fails or the checksum does not match.
             let mut bad = obj.clone();
             let at = HEADER_LEN + (bad.len() - HEADER_LEN) / 2;
@@ -272,17 +277,17 @@ mod tests {
         assert_eq!(decode(b"PGWX"), Err(FormatError::BadMagic));
         assert_eq!(decode(b"PGWWAL"), Err(FormatError::Truncated));
         assert_eq!(decode(&[0u8; 100]), Err(FormatError::BadMagic));
-        let mut v = encode(b"x", Compression::None);
+        let mut v = encode(b"x", Compression::None).unwrap();
         v[8] = 9;
         assert_eq!(decode(&v), Err(FormatError::Version(9)));
-        let mut v = encode(b"x", Compression::None);
+        let mut v = encode(b"x", Compression::None).unwrap();
         v[9] = 7;
         assert_eq!(decode(&v), Err(FormatError::Compression(7)));
     }
 
     #[test]
     fn a_payload_longer_than_declared_is_refused() {
-        let mut obj = encode(b"hello", Compression::None);
+        let mut obj = encode(b"hello", Compression::None).unwrap();
         obj.extend_from_slice(b"!!");
         assert!(matches!(decode(&obj), Err(FormatError::Length { .. })));
     }

@@ -22,6 +22,7 @@
 pub mod archiver;
 pub mod commands;
 pub mod format;
+pub mod identity;
 pub mod names;
 pub mod restore;
 pub mod socket;
@@ -35,36 +36,25 @@ use prometheus::{exponential_buckets, Histogram, HistogramOpts, IntCounter, IntC
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::{Config, PostgresConfig, S3Config, WalConfig};
+use crate::config::{Config, PostgresConfig, WalConfig};
 use crate::metrics::families::Sample;
 use crate::metrics::Metrics;
 use crate::monitor::Observation;
 use crate::postgres::conf::ArchiveCommands;
-use format::Compression;
 
 /// Everything `wal-archive` / `wal-restore` need, resolved by `pgwarden run` and written to
 /// [`settings_path`] (no secrets: credentials come from the environment or a mounted Secret).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Settings {
+    /// `wal.destination`, known to be set.
     pub destination: String,
-    pub compression: Compression,
-    pub parallelism: usize,
-    pub upload_ahead: bool,
-    pub prefetch: usize,
     pub data_dir: PathBuf,
+    /// `wal.spool_dir`, or its default beside the data directory.
     pub spool_dir: PathBuf,
     pub socket: PathBuf,
-    #[serde(with = "humantime_serde")]
-    pub io_timeout: Duration,
-    #[serde(with = "humantime_serde")]
-    pub command_timeout: Duration,
-    #[serde(with = "humantime_serde")]
-    pub retry_initial: Duration,
-    #[serde(with = "humantime_serde")]
-    pub retry_max: Duration,
-    #[serde(with = "humantime_serde")]
-    pub drain_timeout: Duration,
-    pub s3: S3Config,
+    /// The `[wal]` section (or the spec's layered over it) these were resolved from: its
+    /// tuning is read from here, never copied field by field.
+    pub wal: WalConfig,
 }
 
 /// `<run_dir>/wal/`: the socket and the settings file.
@@ -89,20 +79,21 @@ impl Settings {
         });
         Some(Settings {
             destination,
-            compression: wal.compression,
-            parallelism: wal.parallelism.max(1) as usize,
-            upload_ahead: wal.upload_ahead,
-            prefetch: wal.prefetch as usize,
             data_dir: pg.data_dir.clone(),
             spool_dir,
             socket: run_subdir(&pg.run_dir).join("archiver.sock"),
-            io_timeout: wal.io_timeout,
-            command_timeout: wal.command_timeout,
-            retry_initial: wal.retry_initial,
-            retry_max: wal.retry_max,
-            drain_timeout: wal.drain_timeout,
-            s3: wal.s3.clone(),
+            wal: wal.clone(),
         })
+    }
+
+    /// Parallel uploads and prefetch downloads (at least one).
+    pub fn parallelism(&self) -> usize {
+        self.wal.parallelism.max(1) as usize
+    }
+
+    /// Segments fetched ahead during recovery (0: no prefetch).
+    pub fn prefetch(&self) -> usize {
+        self.wal.prefetch as usize
     }
 
     pub fn load(path: &Path) -> Result<Settings, String> {
@@ -133,8 +124,44 @@ impl Settings {
     }
 
     pub fn open_store(&self) -> Result<store::Store, String> {
-        store::Store::open(&self.destination, &self.s3, self.io_timeout)
+        store::Store::open(&self.destination, &self.wal.s3, self.wal.io_timeout)
     }
+
+    /// [`Settings::open_store`] for archiving: refused when the data directory was restored
+    /// from this very destination (see [`RESTORED_FROM`]).
+    pub fn open_archive(&self) -> Result<store::Store, String> {
+        check_restored_from(&self.data_dir, &self.destination)?;
+        self.open_store()
+    }
+}
+
+/// Written by `pgwarden restore` into the data directory it restored (and so copied to every
+/// standby cloned from it): the destination it came from. A restored cluster shares the
+/// source's system identifier and its timelines, so its WAL in the source's archive would be
+/// mistaken for the source's history; pgwarden never archives into that destination.
+pub const RESTORED_FROM: &str = "pgwarden.restored-from";
+
+/// Refuses `destination` when `data_dir` was restored from it.
+pub fn check_restored_from(data_dir: &Path, destination: &str) -> Result<(), String> {
+    let Ok(text) = std::fs::read_to_string(data_dir.join(RESTORED_FROM)) else {
+        return Ok(());
+    };
+    let source = text.lines().next().unwrap_or_default().trim();
+    let same = match (
+        store::parse_destination(source),
+        store::parse_destination(destination),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => source == destination,
+    };
+    if same {
+        return Err(format!(
+            "this data directory was restored from {destination}: archiving into it would mix \
+             this cluster's WAL with its source's history; give this cluster a destination of its \
+             own (wal.destination or spec.walArchive.destination)"
+        ));
+    }
+    Ok(())
 }
 
 impl WalConfig {
@@ -408,8 +435,8 @@ impl WalState {
         WalDoc {
             enabled: s.is_some(),
             destination: s.map(|s| s.destination.clone()),
-            compression: s.map(|s| s.compression.as_str().to_string()),
-            parallelism: s.map(|s| s.parallelism),
+            compression: s.map(|s| s.wal.compression.as_str().to_string()),
+            parallelism: s.map(|s| s.parallelism()),
             state: self.state().to_string(),
             queued: self.queued,
             in_flight: self.in_flight,
@@ -510,7 +537,7 @@ impl Handle {
     /// After Postgres stopped: uploads what is still waiting, for at most the drain timeout.
     /// Returns how many files are still not archived.
     pub async fn drain(&self) -> u64 {
-        let Some(timeout) = self.settings().map(|s| s.drain_timeout) else {
+        let Some(timeout) = self.settings().map(|s| s.wal.drain_timeout) else {
             return 0;
         };
         let (tx, rx) = oneshot::channel();
@@ -671,7 +698,7 @@ mod tests {
         assert!(Settings::resolve(&wal, &pg).is_none());
         wal.destination = Some("s3://bucket/x".into());
         let s = Settings::resolve(&wal, &pg).unwrap();
-        assert_eq!(s.parallelism, 4);
+        assert_eq!(s.parallelism(), 4);
         assert_eq!(
             s.spool_dir,
             PathBuf::from("/var/lib/postgresql/data/pgwarden-wal-spool")
@@ -683,6 +710,20 @@ mod tests {
         wal.parallelism = 4;
         wal.destination = Some("ftp://x".into());
         assert_eq!(wal.validate().unwrap_err().0, "destination");
+    }
+
+    #[test]
+    fn a_restored_data_directory_never_archives_into_its_source() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(check_restored_from(d.path(), "s3://bkt/pg"), Ok(()));
+        std::fs::write(d.path().join(RESTORED_FROM), "s3://bkt/pg/\nbackup x\n").unwrap();
+        let err = check_restored_from(d.path(), "s3://bkt/pg").unwrap_err();
+        assert!(err.contains("was restored from s3://bkt/pg"), "{err}");
+        assert_eq!(
+            check_restored_from(d.path(), "s3://bkt/pg-restored"),
+            Ok(())
+        );
+        assert_eq!(check_restored_from(d.path(), "file:///archive"), Ok(()));
     }
 
     #[test]

@@ -332,8 +332,8 @@ impl Restorer {
         };
         let (spool, depth, parallel) = (
             settings.spool_dir.clone(),
-            settings.prefetch,
-            settings.parallelism,
+            settings.prefetch(),
+            settings.parallelism(),
         );
         if names::kind(name) != Some(Kind::Segment) {
             return;

@@ -6,11 +6,16 @@
 //! already archived; different: refused), then writes with "create only" (a no-clobber rename
 //! on a filesystem, `If-None-Match: *` on S3), so a writer racing us cannot be overwritten
 //! either where the store supports it.
+//!
+//! Base backups (see `crate::backup`) live beside the WAL, at `<prefix>/base/<id>/...`, and go
+//! through the same calls by key ([`Store::put_object`], [`Store::get_object`], [`Store::list`],
+//! [`Store::delete`]).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
@@ -75,6 +80,15 @@ pub enum Put {
     AlreadyArchived,
     /// The archive has different content under this name; nothing was written.
     Conflict { existing: [u8; 32] },
+}
+
+/// An object found by [`Store::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// The key below the destination's prefix, e.g. `wal/000000010000000000000001`.
+    pub key: String,
+    pub size: u64,
+    pub last_modified: SystemTime,
 }
 
 #[derive(Clone)]
@@ -167,12 +181,18 @@ impl Store {
         })
     }
 
-    fn path(&self, name: &str) -> ObjectPath {
+    /// The object path of `key` (relative to the destination).
+    fn key_path(&self, key: &str) -> ObjectPath {
         if self.prefix.is_empty() {
-            ObjectPath::from(format!("wal/{name}"))
+            ObjectPath::from(key)
         } else {
-            ObjectPath::from(format!("{}/wal/{name}", self.prefix))
+            ObjectPath::from(format!("{}/{key}", self.prefix))
         }
+    }
+
+    /// The key of the WAL file `name`.
+    pub fn wal_key(name: &str) -> String {
+        format!("wal/{name}")
     }
 
     async fn bounded<T>(
@@ -195,7 +215,16 @@ impl Store {
 
     /// The header of the archived object `name`, `None` when there is none.
     pub async fn header(&self, name: &str) -> Result<Option<Result<Header, String>>, StoreError> {
-        let path = self.path(name);
+        self.header_at(&Store::wal_key(name), name).await
+    }
+
+    /// The header of the object at `key` (`name` for messages).
+    async fn header_at(
+        &self,
+        key: &str,
+        name: &str,
+    ) -> Result<Option<Result<Header, String>>, StoreError> {
+        let path = self.key_path(key);
         let r = self
             .bounded("read", self.inner.get_range(&path, 0..HEADER_LEN as u64))
             .await;
@@ -209,8 +238,14 @@ impl Store {
     /// Uploads an encoded object unless the archive already has `name` (identical: success;
     /// different: [`Put::Conflict`], nothing written).
     pub async fn put_new(&self, name: &str, object: Bytes) -> Result<Put, StoreError> {
+        self.put_object(&Store::wal_key(name), object).await
+    }
+
+    /// [`Store::put_new`] for any key: create-only, the same content is success.
+    pub async fn put_object(&self, key: &str, object: Bytes) -> Result<Put, StoreError> {
+        let name = key;
         let want = Header::parse(&object).map_err(|e| StoreError::Store(e.to_string()))?;
-        if let Some(existing) = self.header(name).await? {
+        if let Some(existing) = self.header_at(key, name).await? {
             return Ok(compare(want, existing));
         }
         let opts = PutOptions {
@@ -221,7 +256,7 @@ impl Store {
             .bounded(
                 "upload",
                 self.inner
-                    .put_opts(&self.path(name), PutPayload::from(object.clone()), opts),
+                    .put_opts(&self.key_path(key), PutPayload::from(object.clone()), opts),
             )
             .await;
         match r {
@@ -231,7 +266,7 @@ impl Store {
                 | object_store::Error::Precondition { .. },
             ) => {
                 // Someone wrote it meanwhile: decide on its content.
-                match self.header(name).await? {
+                match self.header_at(key, name).await? {
                     Some(existing) => Ok(compare(want, existing)),
                     None => Err(StoreError::Store(format!(
                         "{name}: the store reported it exists but it cannot be read"
@@ -242,7 +277,8 @@ impl Store {
                 // A store without create-only writes: the check above is all we can do.
                 self.bounded(
                     "upload",
-                    self.inner.put(&self.path(name), PutPayload::from(object)),
+                    self.inner
+                        .put(&self.key_path(key), PutPayload::from(object)),
                 )
                 .await
                 .map_err(|e| StoreError::Store(format!("cannot upload {name}: {e}")))?;
@@ -254,7 +290,13 @@ impl Store {
 
     /// The whole object `name`, `None` when the archive does not have it.
     pub async fn get(&self, name: &str) -> Result<Option<Bytes>, StoreError> {
-        let path = self.path(name);
+        self.get_object(&Store::wal_key(name)).await
+    }
+
+    /// The whole object at `key`, `None` when there is none.
+    pub async fn get_object(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+        let name = key;
+        let path = self.key_path(key);
         let inner = self.inner.clone();
         let r = self
             .bounded(
@@ -266,6 +308,58 @@ impl Store {
             Ok(b) => Ok(Some(b)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(StoreError::Store(format!("cannot download {name}: {e}"))),
+        }
+    }
+}
+
+impl Store {
+    /// Every object below `under` (a key prefix ending in `/`), each page of the listing
+    /// bounded by the timeout. Keys are relative to the destination.
+    pub async fn list(&self, under: &str) -> Result<Vec<Listed>, StoreError> {
+        let prefix = self.key_path(under.trim_end_matches('/'));
+        let mut stream = self.inner.list(Some(&prefix));
+        let mut out = Vec::new();
+        loop {
+            let next = match tokio::time::timeout(self.timeout, stream.next()).await {
+                Ok(n) => n,
+                Err(_) => {
+                    return Err(StoreError::TimedOut(
+                        format!("listing {under}"),
+                        self.timeout,
+                    ))
+                }
+            };
+            match next {
+                None => return Ok(out),
+                Some(Ok(meta)) => {
+                    let full = meta.location.to_string();
+                    let key = match self.prefix.is_empty() {
+                        true => full,
+                        false => full
+                            .strip_prefix(&format!("{}/", self.prefix))
+                            .map(str::to_string)
+                            .unwrap_or(full),
+                    };
+                    out.push(Listed {
+                        key,
+                        size: meta.size,
+                        last_modified: meta.last_modified.into(),
+                    });
+                }
+                Some(Err(object_store::Error::NotFound { .. })) => return Ok(out),
+                Some(Err(e)) => return Err(StoreError::Store(format!("cannot list {under}: {e}"))),
+            }
+        }
+    }
+
+    /// Deletes the object at `key` (one that is already gone is fine).
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match self
+            .bounded("delete", self.inner.delete(&self.key_path(key)))
+            .await
+        {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(StoreError::Store(format!("cannot delete {key}: {e}"))),
         }
     }
 }
@@ -331,12 +425,12 @@ mod tests {
         let name = "000000010000000000000001";
         assert!(store.get(name).await.unwrap().is_none());
         assert!(store.header(name).await.unwrap().is_none());
-        let a = Bytes::from(encode(b"segment a", Compression::Zstd));
+        let a = Bytes::from(encode(b"segment a", Compression::Zstd).unwrap());
         assert_eq!(store.put_new(name, a.clone()).await.unwrap(), Put::Created);
         // The same content again, even compressed differently: already archived.
-        let a2 = Bytes::from(encode(b"segment a", Compression::None));
+        let a2 = Bytes::from(encode(b"segment a", Compression::None).unwrap());
         assert_eq!(store.put_new(name, a2).await.unwrap(), Put::AlreadyArchived);
-        let b = Bytes::from(encode(b"segment b", Compression::Zstd));
+        let b = Bytes::from(encode(b"segment b", Compression::Zstd).unwrap());
         assert!(matches!(
             store.put_new(name, b).await.unwrap(),
             Put::Conflict { .. }

@@ -31,7 +31,7 @@ fn known(api_version: &str, plural: &str) {
 
 /// The PostgresCluster CustomResourceDefinition, as `config/crd.yaml` has it.
 pub fn crd() -> Value {
-    serde_yaml::from_str(include_str!("../../config/crd.yaml")).expect("config/crd.yaml is YAML")
+    serde_norway::from_str(include_str!("../../config/crd.yaml")).expect("config/crd.yaml is YAML")
 }
 
 impl ApiServer {
@@ -93,5 +93,30 @@ impl ApiServer {
     pub fn delete(&self, api_version: &str, plural: &str, ns: &str, name: &str) -> Option<Value> {
         known(api_version, plural);
         self.0.delete(api_version, plural, ns, name).ok()
+    }
+
+    /// A one-instance PostgresCluster `cluster` with its password Secrets (both passwords
+    /// [`super::PASSWORD`]) and the Pod `pod`.
+    pub fn seed_single(&self, ns: &str, cluster: &str, pod: &str) {
+        for name in ["pg-superuser", "pg-replication"] {
+            self.create(serde_json::json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": name, "namespace": ns},
+                "data": {"password": "dGVzdC1zdXBlcnVzZXItcGFzc3dvcmQ="}
+            }));
+        }
+        self.create(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": pod, "namespace": ns},
+            "spec": {"containers": [{"name": "postgres", "image": "pgwarden"}]}
+        }));
+        self.create(serde_json::json!({
+            "apiVersion": "pgwarden.dev/v1", "kind": "PostgresCluster",
+            "metadata": {"name": cluster, "namespace": ns},
+            "spec": {
+                "instances": 1,
+                "secrets": {"superuser": {"name": "pg-superuser"}, "replication": {"name": "pg-replication"}}
+            }
+        }));
     }
 }

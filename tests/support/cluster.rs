@@ -14,14 +14,12 @@
 //! a SIGSTOPped node never hangs a test.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
@@ -29,6 +27,7 @@ use tokio::time::{sleep, timeout};
 
 use super::apiserver::{ApiServer, Fault};
 use super::{Sandbox, Warden, PASSWORD};
+use pgwarden::demo::process::{self, signal_all, wait_gone_blocking};
 
 pub const NS: &str = "default";
 pub const CLUSTER: &str = "pg";
@@ -216,12 +215,26 @@ async fn is_writable(client: &tokio_postgres::Client, within: Duration) -> Optio
 
 /// A bounded HTTP/1.1 GET on loopback: status code and body, None on any failure or timeout.
 pub async fn http_get(port: u16, path: &str, within: Duration) -> Option<(u16, String)> {
+    http_get_with(port, path, &[], within).await
+}
+
+/// [`http_get`] with extra request headers.
+pub async fn http_get_with(
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+    within: Duration,
+) -> Option<(u16, String)> {
     let exchange = async {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .ok()?;
+        let extra: String = headers
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}\r\n"))
+            .collect();
         let request =
-            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{extra}\r\n");
         s.write_all(request.as_bytes()).await.ok()?;
         let mut raw = Vec::new();
         s.read_to_end(&mut raw).await.ok()?;
@@ -231,54 +244,6 @@ pub async fn http_get(port: u16, path: &str, within: Duration) -> Option<(u16, S
         Some((code, body.to_string()))
     };
     timeout(within, exchange).await.ok().flatten()
-}
-
-// ---------------------------------------------------------------------------------------------
-// Processes.
-
-/// Alive and not a zombie.
-fn alive(pid: i32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // The state follows the command name, which is in parentheses and may contain anything.
-    match stat.rsplit_once(')') {
-        Some((_, rest)) => !matches!(rest.trim_start().chars().next(), Some('Z' | 'X') | None),
-        None => false,
-    }
-}
-
-/// Processes whose working directory is `dir`: every Postgres process of a data directory
-/// (the postmaster changes into it and its children inherit it), even when orphaned.
-fn processes_in(dir: &Path) -> Vec<i32> {
-    let wanted = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let me = std::process::id() as i32;
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| pid != me)
-        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == wanted))
-        .collect()
-}
-
-fn signal_all(pids: &[i32], sig: Signal) {
-    for &p in pids {
-        let _ = kill(Pid::from_raw(p), sig);
-    }
-}
-
-/// Waits (bounded) until none of `pids` is alive.
-fn wait_gone(pids: &[i32], within: Duration) -> Vec<i32> {
-    let deadline = Instant::now() + within;
-    loop {
-        let left: Vec<i32> = pids.iter().copied().filter(|&p| alive(p)).collect();
-        if left.is_empty() || Instant::now() > deadline {
-            return left;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -304,37 +269,14 @@ impl Node {
 
     /// pgwarden, its descendants, and every process in the data directory (with theirs).
     fn processes(&mut self) -> Vec<i32> {
-        let mut out = Vec::new();
-        if let Some(p) = self.pgwarden_pid() {
-            out.push(p);
-            out.extend(super::descendants(p));
-        }
-        for p in processes_in(&self.sb.data_dir()) {
-            out.push(p);
-            out.extend(super::descendants(p));
-        }
-        let mut seen = BTreeSet::new();
-        out.retain(|p| seen.insert(*p) && alive(*p));
-        out
+        let root = self.pgwarden_pid();
+        process::tree(root, &self.sb.data_dir())
     }
 
     /// SIGSTOPs pgwarden first, then everything under it, repeating until no new process
     /// appears (a running postmaster may fork while we go). Returns every pid stopped.
     fn freeze(&mut self) -> Vec<i32> {
-        let mut all = Vec::new();
-        for _ in 0..10 {
-            let new: Vec<i32> = self
-                .processes()
-                .into_iter()
-                .filter(|p| !all.contains(p))
-                .collect();
-            if new.is_empty() {
-                break;
-            }
-            signal_all(&new, Signal::SIGSTOP);
-            all.extend(new);
-        }
-        all
+        process::freeze(|| self.processes())
     }
 
     fn output(&self) -> String {
@@ -369,7 +311,13 @@ impl Cluster {
 
     /// [`Cluster::start`] with extra TOML for every instance.
     pub fn start_with(n: usize, spec: impl FnOnce(&mut Value), extra: &str) -> Cluster {
-        Cluster::launch(n, spec, extra, false, &[])
+        Cluster::launch(n, spec, extra, false, &[], Vec::new())
+    }
+
+    /// [`Cluster::start`] with `objects` (Secrets the spec names, ...) already in the API
+    /// server when the instances start: what they read at their first start is there.
+    pub fn start_seeded(n: usize, objects: Vec<Value>, spec: impl FnOnce(&mut Value)) -> Cluster {
+        Cluster::launch(n, spec, "", false, &[], objects)
     }
 
     /// [`Cluster::start_with`] with extra environment variables for every pgwarden process.
@@ -379,15 +327,21 @@ impl Cluster {
         extra: &str,
         env: &[(&str, &str)],
     ) -> Cluster {
-        Cluster::launch(n, spec, extra, false, env)
+        Cluster::launch(n, spec, extra, false, env, Vec::new())
     }
 
     /// [`Cluster::start_ready`] at the default timings of the spec and of pgwarden's
     /// configuration: what safety tests judge.
     pub async fn start_ready_at_defaults(n: usize, spec: impl FnOnce(&mut Value)) -> Cluster {
-        let cluster = Cluster::launch(n, spec, "", true, &[]);
+        let cluster = Cluster::launch(n, spec, "", true, &[], Vec::new());
         cluster.wait_all_streaming(Duration::from_secs(180)).await;
         cluster
+    }
+
+    /// [`Cluster::start_with`] at the default timings of the spec and of pgwarden's
+    /// configuration (`spec` and `extra` may still change some): what the benchmarks measure.
+    pub fn start_at_defaults_with(n: usize, spec: impl FnOnce(&mut Value), extra: &str) -> Cluster {
+        Cluster::launch(n, spec, extra, true, &[], Vec::new())
     }
 
     fn launch(
@@ -396,10 +350,14 @@ impl Cluster {
         extra: &str,
         defaults: bool,
         env: &[(&str, &str)],
+        objects: Vec<Value>,
     ) -> Cluster {
         let server = ApiServer::start();
         server.create(secret("pg-superuser", PASSWORD));
         server.create(secret("pg-replication", REPLICATION_PASSWORD));
+        for o in objects {
+            server.create(o);
+        }
         let mut object = cluster_object(n);
         if defaults {
             if let Some(spec) = object["spec"].as_object_mut() {
@@ -736,7 +694,7 @@ impl Cluster {
             let _ = w.child.wait();
             node.past.push(w);
         }
-        let left = wait_gone(&pids, Duration::from_secs(10));
+        let left = wait_gone_blocking(&pids, Duration::from_secs(10));
         assert!(
             left.is_empty(),
             "{}: still alive after SIGKILL: {left:?}",
@@ -798,13 +756,18 @@ impl Cluster {
         self.server.set_fault(&self.nodes[i].name, fault);
     }
 
-    /// Starts a fresh pgwarden on instance `i`'s sandbox (same data directory and ports). The
-    /// previous one must have exited ([`Cluster::kill9`], SIGTERM, or on its own).
     /// Instance `i`'s data directory.
     pub fn data_dir(&self, i: usize) -> std::path::PathBuf {
         self.nodes[i].sb.data_dir()
     }
 
+    /// Instance `i`'s run directory.
+    pub fn run_dir(&self, i: usize) -> std::path::PathBuf {
+        self.nodes[i].sb.run_dir()
+    }
+
+    /// Starts a fresh pgwarden on instance `i`'s sandbox (same data directory and ports). The
+    /// previous one must have exited ([`Cluster::kill9`], SIGTERM, or on its own).
     pub fn restart(&mut self, i: usize) {
         let node = &mut self.nodes[i];
         if let Some(mut w) = node.warden.take() {
@@ -1032,7 +995,7 @@ impl Drop for Cluster {
             }
             all.extend(node.processes());
         }
-        let left = wait_gone(&all, Duration::from_secs(10));
+        let left = wait_gone_blocking(&all, Duration::from_secs(10));
         signal_all(&left, Signal::SIGKILL);
         for node in &mut self.nodes {
             let pids = node.processes();

@@ -4,6 +4,8 @@
 
 pub mod apiserver;
 pub mod cluster;
+pub mod sql;
+pub mod tls;
 pub mod wal;
 
 use std::io::{BufRead, BufReader};
@@ -64,13 +66,30 @@ pub fn binary() -> PathBuf {
     .clone()
 }
 
-/// A free loopback port (bound then released).
+/// A free loopback port for a server a test starts later: bound, released, and never given
+/// out twice by this process. Taken below the kernel's ephemeral range (32768 and up by
+/// default), from which every outgoing connection draws its local port: one released there
+/// can be taken by a client's connection before the server binds it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    // Test binaries run one after the other; the offset keeps a leftover server of an
+    // earlier one out of the way.
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id() % COUNT,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..COUNT {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::SeqCst) % COUNT) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + COUNT);
 }
 
 /// Gives a path to the unprivileged user.
@@ -358,21 +377,9 @@ pub fn http_json(port: u16, path: &str) -> (u16, serde_json::Value) {
     (code, json)
 }
 
-/// Pids of every process whose parent is `pid`, and theirs.
-pub fn descendants(pid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    let mut frontier = vec![pid];
-    while let Some(p) = frontier.pop() {
-        let path = format!("/proc/{p}/task/{p}/children");
-        if let Ok(text) = std::fs::read_to_string(path) {
-            for c in text.split_whitespace().filter_map(|c| c.parse().ok()) {
-                out.push(c);
-                frontier.push(c);
-            }
-        }
-    }
-    out
-}
+// Not every test binary uses it.
+#[allow(unused_imports)]
+pub use pgwarden::demo::process::descendants;
 
 /// Connects over TCP as `user` with `password`.
 pub async fn connect_as(

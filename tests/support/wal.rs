@@ -130,6 +130,13 @@ pub fn pgbench(port: u16, args: &[&str]) {
 
 /// Runs `pgwarden <args>` as the unprivileged user in `cwd`; returns (exit code, stderr).
 pub fn pgwarden_cmd(cwd: &Path, args: &[&str]) -> (i32, String) {
+    let (code, _, stderr) = pgwarden_output(cwd, args);
+    (code, stderr)
+}
+
+/// Runs `pgwarden <args>` as the unprivileged user in `cwd`; returns (exit code, stdout,
+/// stderr).
+pub fn pgwarden_output(cwd: &Path, args: &[&str]) -> (i32, String, String) {
     let mut cmd = Command::new(super::binary());
     cmd.args(args)
         .current_dir(cwd)
@@ -141,8 +148,34 @@ pub fn pgwarden_cmd(cwd: &Path, args: &[&str]) -> (i32, String) {
     let out = cmd.output().expect("run pgwarden");
     (
         out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// `pg_basebackup` from the instance on `port` into `dir` with `args` (e.g. `-X none`), as
+/// the superuser over TCP; panics when it fails.
+pub fn pg_basebackup(port: u16, dir: &Path, args: &[&str]) {
+    let out = Command::new(format!("{PG_BIN}/pg_basebackup"))
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .args(args)
+        .args(["-c", "fast", "-D"])
+        .arg(dir)
+        .env("PGPASSWORD", PASSWORD)
+        .output()
+        .expect("run pg_basebackup");
+    assert!(
+        out.status.success(),
+        "pg_basebackup {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The value of the first series whose line starts with `series` in a metrics exposition.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// Reads and verifies an archived object: the WAL content it holds.

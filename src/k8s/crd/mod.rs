@@ -51,6 +51,12 @@ pub struct PostgresClusterSpec {
     /// WAL archiving; each field set here replaces pgwarden's `[wal]` setting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wal_archive: Option<WalArchiveSpec>,
+    /// Scheduled base backups; each field set here replaces pgwarden's `[backup]` setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<crate::backup::spec::BackupSpec>,
+    /// How a new cluster gets its data: initdb, or a restore (`recovery`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap: Option<crate::backup::bootstrap::BootstrapSpec>,
 }
 
 /// WAL archiving to a filesystem or S3-compatible object storage. Credentials come from the
@@ -145,6 +151,57 @@ pub struct PostgresqlSpec {
     /// Extra pg_hba.conf rules, after pgwarden's own and before the defaults.
     #[serde(default)]
     pub pg_hba: Vec<String>,
+    /// TLS for clients, replication and the status and metrics endpoints.
+    #[serde(default)]
+    pub tls: TlsSpec,
+}
+
+/// `spec.postgresql.tls`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// off: plain text everywhere. preferred: TLS offered to clients (plain still accepted),
+    /// standbys and peers use verified TLS. required: as preferred, and the default pg_hba
+    /// rules are `hostssl` (plain connections refused).
+    #[serde(default)]
+    pub mode: TlsMode,
+    /// A Secret of type kubernetes.io/tls (tls.crt, tls.key, as cert-manager writes it)
+    /// with the instances' serving certificate, followed as it changes. Unset: each
+    /// instance issues its own from the cluster CA (the Secret `<cluster>-ca`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_secret: Option<String>,
+    /// The Secret whose `ca.crt` verifies the instances' certificates when
+    /// `certificateSecret` is set (default: that Secret's own `ca.crt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret: Option<String>,
+    /// Lifetime of the certificates pgwarden issues (default 90 days); each is renewed after
+    /// two thirds of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 30, max = 31536000))]
+    pub certificate_duration_seconds: Option<u32>,
+    /// How standbys (and their pg_basebackup and pg_rewind) authenticate as
+    /// streaming_replica while TLS is on. password (default): the replication Secret's
+    /// password. certificate: their certificate from the cluster CA (pg_hba `cert`), and
+    /// streaming_replica can log in no other way; no password is sent or needed.
+    #[serde(default)]
+    pub replication_auth: ReplicationAuth,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ReplicationAuth {
+    #[default]
+    Password,
+    Certificate,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum TlsMode {
+    #[default]
+    Off,
+    Preferred,
+    Required,
 }
 
 /// A parameter value in the spec. The schema says `x-kubernetes-int-or-string` (a structural
@@ -304,6 +361,8 @@ pub struct PostgresClusterStatus {
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub instances: BTreeMap<String, InstanceStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backups: Option<crate::backup::spec::BackupsStatus>,
 }
 
 /// One instance's report. Unknown values are sent as `null`, which a merge patch turns into
@@ -368,6 +427,17 @@ pub fn validate(spec: &PostgresClusterSpec) -> Result<(), Vec<String>> {
             problems.push(format!("spec.postgresql.pgHba[{i}]: {reason}"));
         }
     }
+    let t = &spec.postgresql.tls;
+    if t.ca_secret.is_some() && t.certificate_secret.is_none() {
+        problems.push(
+            "spec.postgresql.tls.caSecret: needs certificateSecret (without it pgwarden issues the certificates from <cluster>-ca)".into(),
+        );
+    }
+    if t.replication_auth == ReplicationAuth::Certificate && t.mode == TlsMode::Off {
+        problems.push(
+            "spec.postgresql.tls.replicationAuth: certificate needs TLS (mode preferred or required)".into(),
+        );
+    }
     let f = &spec.failover;
     if u64::from(f.renew_deadline_seconds) + u64::from(f.retry_period_seconds)
         >= u64::from(f.lease_duration_seconds)
@@ -392,6 +462,16 @@ pub fn validate(spec: &PostgresClusterSpec) -> Result<(), Vec<String>> {
             .validate()
         {
             problems.push(format!("spec.walArchive.{key}: {reason}"));
+        }
+    }
+    if let Some(b) = &spec.backup {
+        if let Err((key, reason)) = b.apply(&Default::default()) {
+            problems.push(format!("spec.backup.{key}: {reason}"));
+        }
+    }
+    if let Some(r) = spec.bootstrap.as_ref().and_then(|b| b.recovery.as_ref()) {
+        if let Err((key, reason)) = r.validate() {
+            problems.push(format!("spec.bootstrap.recovery.{key}: {reason}"));
         }
     }
     let s = &spec.synchronous;
@@ -486,7 +566,7 @@ fn tidy_schema(s: &mut JSONSchemaProps) {
 
 /// The CRD as YAML, as committed in `config/crd.yaml`.
 pub fn crd_yaml() -> String {
-    let yaml = serde_yaml::to_string(&crd()).unwrap_or_default();
+    let yaml = serde_norway::to_string(&crd()).unwrap_or_default();
     // YAML 1.1 readers (kubectl apply -f) take a bare `off` for the boolean false.
     let yaml = yaml
         .replace(": off\n", ": \"off\"\n")
@@ -495,106 +575,4 @@ pub fn crd_yaml() -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn base() -> serde_json::Value {
-        json!({
-            "instances": 1,
-            "secrets": {"superuser": {"name": "su"}, "replication": {"name": "repl"}}
-        })
-    }
-
-    #[test]
-    fn defaults_fill_in() {
-        let spec = parse_spec(&base()).unwrap().spec;
-        assert_eq!(spec.failover.lease_duration_seconds, 10);
-        assert_eq!(spec.secrets.superuser.key, "password");
-        assert_eq!(spec.update_strategy, UpdateStrategy::Restart);
-        assert!(validate(&spec).is_ok());
-    }
-
-    #[test]
-    fn unknown_fields_are_collected_not_refused() {
-        let mut v = base();
-        v["postgresql"] = json!({"parameters": {"work_mem": "4MB"}, "bogus": 1});
-        v["futureFeature"] = json!({"enabled": true});
-        let parsed = parse_spec(&v).unwrap();
-        assert_eq!(
-            parsed.unknown,
-            ["spec.futureFeature", "spec.postgresql.bogus"],
-        );
-        assert_eq!(
-            parsed.spec.postgresql.parameters["work_mem"],
-            SpecParam(ParamValue::Str("4MB".into()))
-        );
-        assert!(validate(&parsed.spec).is_ok());
-    }
-
-    #[test]
-    fn bad_input_names_the_field() {
-        let mut v = base();
-        v["instances"] = json!("three");
-        assert!(parse_spec(&v).unwrap_err().contains("spec.instances"));
-
-        let mut v = base();
-        v["postgresql"] = json!({"parameters": {"port": 5433}});
-        let problems = validate(&parse_spec(&v).unwrap().spec).unwrap_err();
-        assert!(
-            problems[0].starts_with("spec.postgresql.parameters.port"),
-            "{problems:?}"
-        );
-
-        let mut v = base();
-        v["failover"] = json!({"leaseDurationSeconds": 8, "renewDeadlineSeconds": 6});
-        let problems = validate(&parse_spec(&v).unwrap().spec).unwrap_err();
-        assert!(problems[0].contains("leaseDurationSeconds"), "{problems:?}");
-    }
-
-    #[test]
-    fn wal_archive_is_layered_and_checked() {
-        let mut v = base();
-        v["walArchive"] = json!({"destination": "s3://bkt/pg", "parallelism": 8, "s3": {"endpoint": "http://minio:9000", "allowHttp": true}});
-        let spec = parse_spec(&v).unwrap().spec;
-        assert!(validate(&spec).is_ok());
-        let w = spec.wal_archive.unwrap().apply(
-            &crate::config::WalConfig::default(),
-            std::path::Path::new("/run/creds"),
-        );
-        assert_eq!(w.destination.as_deref(), Some("s3://bkt/pg"));
-        assert_eq!(w.parallelism, 8);
-        assert_eq!(w.prefetch, 8);
-        assert!(w.s3.allow_http);
-        let mut v = base();
-        v["walArchive"] = json!({"destination": "ftp://x"});
-        let problems = validate(&parse_spec(&v).unwrap().spec).unwrap_err();
-        assert!(
-            problems[0].starts_with("spec.walArchive.destination"),
-            "{problems:?}"
-        );
-        let mut v = base();
-        v["walArchive"] = json!({"compression": "lz4"});
-        assert!(parse_spec(&v).unwrap_err().contains("spec.walArchive"));
-    }
-
-    #[test]
-    fn committed_crd_is_current() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/crd.yaml");
-        let committed = std::fs::read_to_string(path).unwrap_or_default();
-        assert!(
-            committed == crd_yaml(),
-            "config/crd.yaml is stale: run `pgwarden crd > config/crd.yaml`"
-        );
-    }
-
-    #[test]
-    fn crd_has_the_cel_rule_and_printer_columns() {
-        let y = crd_yaml();
-        assert!(y.contains("x-kubernetes-validations"));
-        assert!(y.contains("renewDeadlineSeconds + self.retryPeriodSeconds"));
-        assert!(y.contains("currentPrimary"));
-        assert!(y.contains("shortNames"));
-        assert!(y.contains("subresources"));
-    }
-}
+mod tests;

@@ -4,9 +4,15 @@
 //! ready through the HTTP probe, takes writes through `psql`, reaps an orphan as PID 1, stops
 //! cleanly on `docker stop`, and a new container on the same volume finds the data.
 //!
+//! A second container ([`tls`]) runs the image in Kubernetes mode against the test API server
+//! with TLS required, on the same read-only root file system.
+//!
 //! Needs Docker (and, to build the base image the first time, root and debootstrap).
 
+#[path = "../support/mod.rs"]
 mod support;
+
+mod tls;
 
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
@@ -81,12 +87,11 @@ fn docker_ok(args: &[&str]) -> String {
     out.stdout
 }
 
-/// Removes the containers, the volume and the image however the test ends (the base image
-/// and the image's other layers stay cached for the next run).
+/// Removes the containers and the volume however the test ends, then lets go of the image.
 struct Cleanup {
     containers: Vec<String>,
     volume: String,
-    image: String,
+    image: Image,
 }
 
 impl Drop for Cleanup {
@@ -94,11 +99,44 @@ impl Drop for Cleanup {
         for c in &self.containers {
             let _ = run(Command::new("docker").args(["rm", "-f", "-v", c]), SHORT);
         }
-        for args in [
-            ["volume", "rm", "-f", &self.volume],
-            ["image", "rm", "-f", &self.image],
-        ] {
-            let _ = run(Command::new("docker").args(args), SHORT);
+        let _ = run(
+            Command::new("docker").args(["volume", "rm", "-f", &self.volume]),
+            SHORT,
+        );
+    }
+}
+
+/// The image under test: built once for the tests that run at the same time, removed when the
+/// last of them is done (the base image and the image's other layers stay cached for the next
+/// run). Its own tag, so that test runs side by side do not replace each other's image.
+struct Image {
+    tag: String,
+}
+
+/// How many tests use the image now.
+static IMAGE_USERS: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
+
+impl Image {
+    fn get() -> Image {
+        let mut users = IMAGE_USERS.lock().unwrap_or_else(|e| e.into_inner());
+        let tag = format!("pgwarden-image-test:{}", std::process::id());
+        if *users == 0 {
+            build_image(&tag);
+        }
+        *users += 1;
+        Image { tag }
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let mut users = IMAGE_USERS.lock().unwrap_or_else(|e| e.into_inner());
+        *users -= 1;
+        if *users == 0 {
+            let _ = run(
+                Command::new("docker").args(["image", "rm", "-f", &self.tag]),
+                SHORT,
+            );
         }
     }
 }
@@ -148,9 +186,27 @@ struct Container {
     metrics_port: u16,
 }
 
+/// How a container reaches and is reached from the host.
+enum Network {
+    /// Its own network, the status and metrics ports published on the host's loopback.
+    Published,
+    /// The host's network (to reach the test API server on the host's loopback): pgwarden
+    /// listens on these loopback ports, since no port mapping is possible.
+    Host { status: u16, metrics: u16 },
+}
+
 /// Runs the image as the StatefulSet does: the image's user, a read-only root file system with
-/// /run and /tmp writable, the data volume, the password file, the probe ports on loopback.
-fn start(image: &str, name: &str, volume: &str, scratch: &Path, password_file: &str) -> Container {
+/// /run and /tmp writable, the data volume, the password file; `extra` adds `docker run`
+/// options (environment, mounts).
+fn start(
+    image: &str,
+    name: &str,
+    volume: &str,
+    scratch: &Path,
+    password_file: &str,
+    network: Network,
+    extra: &[String],
+) -> Container {
     // /run and /tmp like the StatefulSet's emptyDirs: empty directories of mode 0777 owned by
     // root (Docker's --tmpfs would take the image's mode for /run).
     let mut dirs = Vec::new();
@@ -160,7 +216,7 @@ fn start(image: &str, name: &str, volume: &str, scratch: &Path, password_file: &
         std::fs::set_permissions(&host, std::fs::Permissions::from_mode(0o777)).unwrap();
         dirs.push(format!("{}:/{dir}", host.display()));
     }
-    docker_ok(&[
+    let mut args: Vec<String> = [
         "run",
         "--detach",
         "--name",
@@ -176,25 +232,50 @@ fn start(image: &str, name: &str, volume: &str, scratch: &Path, password_file: &
         &format!("{password_file}:{PASSWORD_FILE}:ro"),
         "--env",
         &format!("PGWARDEN_POSTGRES__SUPERUSER_PASSWORD_FILE={PASSWORD_FILE}"),
-        "--publish",
-        "127.0.0.1::8000",
-        "--publish",
-        "127.0.0.1::9187",
         "--stop-timeout",
         "35",
-        image,
-    ]);
-    let port = |p: &str| -> u16 {
-        let out = docker_ok(&["port", name, p]);
-        out.lines()
-            .find_map(|l| l.strip_prefix("127.0.0.1:"))
-            .and_then(|p| p.trim().parse().ok())
-            .unwrap_or_else(|| panic!("docker port {name} {p}: {out}"))
+    ]
+    .map(String::from)
+    .into();
+    match network {
+        Network::Published => args.extend(
+            [
+                "--publish",
+                "127.0.0.1::8000",
+                "--publish",
+                "127.0.0.1::9187",
+            ]
+            .map(String::from),
+        ),
+        Network::Host { status, metrics } => args.extend([
+            "--network".to_string(),
+            "host".to_string(),
+            "--env".to_string(),
+            format!("PGWARDEN_HTTP__STATUS_LISTEN=127.0.0.1:{status}"),
+            "--env".to_string(),
+            format!("PGWARDEN_HTTP__METRICS_LISTEN=127.0.0.1:{metrics}"),
+        ]),
+    }
+    args.extend_from_slice(extra);
+    args.push(image.to_string());
+    docker_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let (status_port, metrics_port) = match network {
+        Network::Host { status, metrics } => (status, metrics),
+        Network::Published => {
+            let port = |p: &str| -> u16 {
+                let out = docker_ok(&["port", name, p]);
+                out.lines()
+                    .find_map(|l| l.strip_prefix("127.0.0.1:"))
+                    .and_then(|p| p.trim().parse().ok())
+                    .unwrap_or_else(|| panic!("docker port {name} {p}: {out}"))
+            };
+            (port("8000/tcp"), port("9187/tcp"))
+        }
     };
     Container {
         name: name.to_string(),
-        status_port: port("8000/tcp"),
-        metrics_port: port("9187/tcp"),
+        status_port,
+        metrics_port,
     }
 }
 
@@ -330,17 +411,15 @@ fn assert_clean_stop(c: &Container, took: Duration, code: i64) {
 fn the_image_runs_pgwarden_as_pid_1_stops_cleanly_and_keeps_its_data() {
     require_docker();
     let id = std::process::id();
-    // Its own tag, so that test runs side by side do not replace each other's image.
-    let image = format!("pgwarden-image-test:{id}");
     let volume = format!("pgwarden-image-test-{id}");
     // The password file, and the containers' /run and /tmp (dropped after the containers).
     let secrets = tempfile::tempdir().unwrap();
     let mut cleanup = Cleanup {
         containers: Vec::new(),
         volume: volume.clone(),
-        image: image.clone(),
+        image: Image::get(),
     };
-    build_image(&image);
+    let image = cleanup.image.tag.clone();
 
     // The image as built.
     let inspect: Value = serde_json::from_str(&docker_ok(&["image", "inspect", &image])).unwrap();
@@ -368,12 +447,24 @@ fn the_image_runs_pgwarden_as_pid_1_stops_cleanly_and_keeps_its_data() {
     std::fs::write(&password_file, PASSWORD).unwrap();
     std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o644)).unwrap();
     let password_file = password_file.to_str().unwrap();
+    let start_on_volume = |name: &str| {
+        let scratch = secrets.path();
+        start(
+            &image,
+            name,
+            &volume,
+            scratch,
+            password_file,
+            Network::Published,
+            &[],
+        )
+    };
 
     // First container: initdb on the empty volume, ready through the probe.
     let first = format!("pgwarden-image-test-{id}-a");
     cleanup.containers.push(first.clone());
     let started = Instant::now();
-    let a = start(&image, &first, &volume, secrets.path(), password_file);
+    let a = start_on_volume(&first);
     a.wait_ready(Duration::from_secs(120));
     eprintln!("first start (initdb) ready in {:.1?}", started.elapsed());
     for path in ["/startupz", "/healthz", "/primary"] {
@@ -473,7 +564,7 @@ fn the_image_runs_pgwarden_as_pid_1_stops_cleanly_and_keeps_its_data() {
     let second = format!("pgwarden-image-test-{id}-b");
     cleanup.containers.push(second.clone());
     let started = Instant::now();
-    let b = start(&image, &second, &volume, secrets.path(), password_file);
+    let b = start_on_volume(&second);
     b.wait_ready(Duration::from_secs(120));
     eprintln!(
         "restart on the same volume ready in {:.1?}",

@@ -1,206 +1,6 @@
-//! The postmaster actor: the one task that owns the `postgres` child process.
-//!
-//! Everything else sends it [`Command`]s and watches its [`Status`]. It renders the
-//! configuration before every start, spawns `postgres -D` directly, declares it ready only
-//! after `postmaster.pid` says so *and* a real connection succeeds, restarts it with
-//! exponential backoff when it dies unexpectedly, and gives up (state [`State::Failed`]) after
-//! too many crashes in a window, so that pgwarden exits and the kubelet restarts the container.
+//! The actor itself: its state, its events, and what it does on each.
 
-use std::collections::VecDeque;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
-
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
-use serde::Serialize;
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio::time::sleep_until;
-
-use crate::config::{PostgresConfig, ShutdownConfig, SupervisionConfig};
-use crate::postgres::binaries::Binaries;
-use crate::postgres::conf;
-use crate::postgres::log::ServerLog;
-use crate::supervisor::reaper::{ExitStatus, Reaper};
-
-/// Postgres's three shutdown modes, in increasing severity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StopMode {
-    /// Wait for clients to disconnect (SIGTERM).
-    Smart,
-    /// Disconnect clients, checkpoint (SIGINT).
-    Fast,
-    /// Exit at once; crash recovery on the next start (SIGQUIT).
-    Immediate,
-}
-
-impl StopMode {
-    fn signal(self) -> Signal {
-        match self {
-            StopMode::Smart => Signal::SIGTERM,
-            StopMode::Fast => Signal::SIGINT,
-            StopMode::Immediate => Signal::SIGQUIT,
-        }
-    }
-}
-
-/// How a stop ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StopOutcome {
-    /// The most severe mode that was needed; `None` when nothing was running.
-    pub mode: Option<StopMode>,
-    /// Whether the postmaster had to be killed with SIGKILL.
-    pub killed: bool,
-    pub status: Option<ExitStatus>,
-}
-
-impl StopOutcome {
-    /// A stop that left a consistent data directory: nothing ran, or a smart or fast shutdown
-    /// that exited 0.
-    pub fn clean(&self) -> bool {
-        match (self.mode, self.status) {
-            (None, _) => true,
-            (Some(mode), Some(status)) => {
-                !self.killed && mode <= StopMode::Fast && status.success()
-            }
-            _ => false,
-        }
-    }
-}
-
-/// The postmaster's lifecycle, as seen by everyone else.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum State {
-    /// Before the first start: the data directory is being prepared.
-    Initializing,
-    /// Not running, on purpose (after a stop).
-    Stopped,
-    /// Spawned, not yet accepting connections. `crash_recovery` when the data directory was
-    /// not shut down cleanly, so WAL replay (of unknown length) comes first.
-    Starting { pid: i32, crash_recovery: bool },
-    /// Accepting connections since `since`.
-    Running { pid: i32, since: Instant },
-    /// Shutting down in the given mode.
-    Stopping { pid: i32, mode: StopMode },
-    /// Died unexpectedly; restarting after a backoff.
-    Restarting { crashes_in_window: u32 },
-    /// Died too often; pgwarden gives up.
-    Failed { reason: String },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Status {
-    pub state: State,
-    /// Unexpected postmaster exits since pgwarden started.
-    pub crashes: u64,
-    /// Postmaster starts since pgwarden started.
-    pub starts: u64,
-    /// Whether Postgres has accepted connections at least once.
-    pub ever_ready: bool,
-    /// Held stopped by fencing (manual or self-fencing) until the next start.
-    pub fenced: bool,
-}
-
-type Reply<T> = oneshot::Sender<T>;
-
-pub enum Command {
-    /// Start if not running; replies once ready or when the start failed.
-    Start(Reply<Result<(), String>>),
-    /// Stop, escalating smart -> fast -> immediate -> SIGKILL on the configured timeouts.
-    Stop(StopMode, Reply<StopOutcome>),
-    /// Fast stop, then start; replies once ready again.
-    Restart(Reply<Result<(), String>>),
-    /// Re-render the configuration files (with new settings when given) and signal a reload.
-    Reload(Option<Box<PostgresConfig>>, Reply<Result<(), String>>),
-    /// Stop and stay stopped until the next Start (HA: fencing, demotion, rewind, clone);
-    /// unlike Stop, pgwarden is not shutting down. `fenced` is reported in the status.
-    Halt {
-        mode: StopMode,
-        fenced: bool,
-        reply: Reply<StopOutcome>,
-    },
-    /// Replace the replication settings (standby upstream, synchronous standbys) and reload.
-    SetReplication(conf::Replication, Reply<Result<(), String>>),
-    /// Promote the running standby, with these `synchronous_standby_names` in force from its
-    /// first write; replies once it accepts writes.
-    Promote(Option<String>, Reply<Result<(), String>>),
-}
-
-/// Handle used to talk to the actor.
-#[derive(Clone)]
-pub struct Handle {
-    tx: mpsc::Sender<Command>,
-}
-
-impl Handle {
-    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Option<T> {
-        let (tx, rx) = oneshot::channel();
-        self.tx.send(make(tx)).await.ok()?;
-        rx.await.ok()
-    }
-    pub async fn start(&self) -> Result<(), String> {
-        self.call(Command::Start)
-            .await
-            .unwrap_or_else(|| Err("postmaster actor is gone".into()))
-    }
-    /// Sends a stop and returns the receiver of its outcome without waiting for it.
-    pub async fn begin_stop(&self, mode: StopMode) -> Option<oneshot::Receiver<StopOutcome>> {
-        let (tx, rx) = oneshot::channel();
-        self.tx.send(Command::Stop(mode, tx)).await.ok()?;
-        Some(rx)
-    }
-    pub async fn restart(&self) -> Result<(), String> {
-        self.call(Command::Restart)
-            .await
-            .unwrap_or_else(|| Err("postmaster actor is gone".into()))
-    }
-    pub async fn reload(&self, settings: Option<PostgresConfig>) -> Result<(), String> {
-        self.call(|r| Command::Reload(settings.map(Box::new), r))
-            .await
-            .unwrap_or_else(|| Err("postmaster actor is gone".into()))
-    }
-    /// Stops Postgres and keeps it stopped until the next start.
-    pub async fn halt(&self, mode: StopMode, fenced: bool) -> Option<StopOutcome> {
-        self.call(|reply| Command::Halt {
-            mode,
-            fenced,
-            reply,
-        })
-        .await
-    }
-    pub async fn set_replication(&self, r: conf::Replication) -> Result<(), String> {
-        self.call(|reply| Command::SetReplication(r, reply))
-            .await
-            .unwrap_or_else(|| Err("postmaster actor is gone".into()))
-    }
-    pub async fn promote(&self, synchronous_standby_names: Option<String>) -> Result<(), String> {
-        self.call(|r| Command::Promote(synchronous_standby_names, r))
-            .await
-            .unwrap_or_else(|| Err("postmaster actor is gone".into()))
-    }
-}
-
-/// What the actor needs to run Postgres.
-pub struct Spec {
-    pub settings: PostgresConfig,
-    pub binaries: Binaries,
-    pub os_user: String,
-    pub shutdown: ShutdownConfig,
-    pub supervision: SupervisionConfig,
-}
-
-/// The status channel, created before the actor so that probes can report the bootstrap.
-pub fn status_channel() -> (watch::Sender<Status>, watch::Receiver<Status>) {
-    watch::channel(Status {
-        state: State::Initializing,
-        crashes: 0,
-        starts: 0,
-        ever_ready: false,
-        fenced: false,
-    })
-}
+use super::*;
 
 /// Starts the actor, which publishes on `status_tx`.
 pub fn spawn(
@@ -403,6 +203,11 @@ impl Actor {
                 let result = self.reload(None).await;
                 let _ = reply.send(result);
             }
+            Command::SetSsl(files, reply) => {
+                self.spec.settings.ssl.files = files;
+                let result = self.reload(None).await;
+                let _ = reply.send(result);
+            }
             Command::Promote(names, reply) => self.promote(names, reply),
         }
     }
@@ -440,7 +245,10 @@ impl Actor {
             let _ = reply.send(Err("postgres is not running".into()));
             return;
         };
-        let reload = names.is_some();
+        // A standby's files usually hold the set already (see the elector): then nothing
+        // needs re-reading before the first commit.
+        let reload =
+            names.is_some() && names != self.spec.settings.replication.synchronous_standby_names;
         self.spec.settings.replication.synchronous_standby_names = names;
         if let Err(e) = self.render() {
             let _ = reply.send(Err(e));
@@ -461,7 +269,7 @@ impl Actor {
                 // are possible.
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            let _ = reply.send(promote(&run_dir, port, &user).await);
+            let _ = reply.send(server::promote(&run_dir, port, &user).await);
         });
     }
 
@@ -473,6 +281,8 @@ impl Actor {
             let mut settings = settings;
             // The HA elector owns replication; a reload of the user's settings keeps it.
             settings.replication = self.spec.settings.replication.clone();
+            // The TLS task owns the certificate files (the spec only says whether required).
+            settings.ssl.files = self.spec.settings.ssl.files.clone();
             if !self.spec.settings.data_dir.join("PG_VERSION").exists() {
                 // No cluster yet (initdb or a clone comes first): Postgres cannot check the
                 // files without one; they are rendered, and checked by the start.
@@ -521,32 +331,10 @@ impl Actor {
             return Ok(());
         }
         self.render()?;
-        let target = crate::postgres::connect::Target::admin(&self.spec.settings);
-        let conn = crate::postgres::connect::connect_timeout(&target)
-            .await
-            .map_err(|e| format!("cannot check pg_hba.conf: {e}"))?;
-        let rows = tokio::time::timeout(
-            Duration::from_secs(5),
-            conn.query(
-                "SELECT line_number, error FROM pg_hba_file_rules WHERE error IS NOT NULL ORDER BY 1",
-                &[],
-            ),
-        )
+        server::hba_errors(&crate::postgres::connect::Target::admin(
+            &self.spec.settings,
+        ))
         .await
-        .map_err(|_| "checking pg_hba.conf timed out".to_string())?
-        .map_err(|e| format!("cannot check pg_hba.conf: {e}"))?;
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let problems: Vec<String> = rows
-            .iter()
-            .map(|r| {
-                let line: Option<i32> = r.try_get(0).ok();
-                let error: String = r.try_get(1).unwrap_or_default();
-                format!("pg_hba.conf line {}: {error}", line.unwrap_or(0))
-            })
-            .collect();
-        Err(problems.join("; "))
     }
 
     fn render(&self) -> Result<(), String> {
@@ -567,7 +355,10 @@ impl Actor {
     }
 
     fn start(&mut self) {
-        let crash_recovery = !cleanly_shut_down(&self.spec.settings.data_dir);
+        // Anything but a clean stop, an unreadable control file included, means crash recovery
+        // may run.
+        let crash_recovery = !crate::postgres::control::read(&self.spec.settings.data_dir)
+            .is_ok_and(|c| c.state.clean());
         if let Err(message) = self.render().and_then(|()| self.spawn_postgres()) {
             tracing::error!(error = %message, "cannot start postgres");
             self.on_crash(message);
@@ -584,7 +375,7 @@ impl Actor {
         });
         let (tx, ready) = oneshot::channel();
         let s = &self.spec.settings;
-        let probe = tokio::spawn(wait_ready(
+        let probe = tokio::spawn(server::wait_ready(
             s.data_dir.clone(),
             s.run_dir.clone(),
             s.port,
@@ -730,8 +521,11 @@ impl Actor {
     async fn on_exit(&mut self, status: ExitStatus) {
         self.child = None;
         // Let the log pumps drain Postgres's last words (its final FATAL usually comes after
-        // the exit is noticed) so that reports and the shutdown log carry them.
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        // the exit is noticed) so that reports and the shutdown log carry them. Not after the
+        // death of a running server: that restarts at once, and its log keeps flowing.
+        if !matches!(self.phase, Phase::Running) {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
         match std::mem::replace(&mut self.phase, Phase::Stopped) {
             Phase::Stopping {
                 mode,
@@ -789,10 +583,15 @@ impl Actor {
             self.publish(State::Failed { reason });
             return;
         }
-        let delay = sv
-            .backoff_initial
-            .saturating_mul(1u32 << (n - 1).min(16))
-            .min(sv.backoff_max);
+        // The first crash in the window restarts at once (a one-off, such as an OOM kill,
+        // should cost no more than the restart); the backoff doubles from the second on.
+        let delay = match n {
+            0 | 1 => Duration::ZERO,
+            n => sv
+                .backoff_initial
+                .saturating_mul(1u32 << (n - 2).min(16))
+                .min(sv.backoff_max),
+        };
         tracing::error!(crashes_in_window = n, retry_in = ?delay, postgres = ?messages, "{what}");
         self.phase = Phase::Backoff { until: now + delay };
         self.publish(State::Restarting {
@@ -804,125 +603,5 @@ impl Actor {
         for w in self.start_waiters.drain(..) {
             let _ = w.send(Err(reason.to_string()));
         }
-    }
-}
-
-/// `pg_promote`, bounded: the server ends recovery and accepts writes before it returns.
-async fn promote(run_dir: &Path, port: u16, user: &str) -> Result<(), String> {
-    let target = crate::postgres::connect::Target {
-        socket_dir: run_dir,
-        port,
-        user,
-        dbname: "postgres",
-        application_name: "pgwarden",
-        statement_timeout: PROMOTE_TIMEOUT + Duration::from_secs(5),
-    };
-    let conn = crate::postgres::connect::connect_timeout(&target)
-        .await
-        .map_err(|e| format!("cannot connect to promote: {e}"))?;
-    let sql = format!("SELECT pg_promote(true, {})", PROMOTE_TIMEOUT.as_secs());
-    let row = tokio::time::timeout(
-        PROMOTE_TIMEOUT + Duration::from_secs(5),
-        conn.query_one(&sql, &[]),
-    )
-    .await
-    .map_err(|_| "pg_promote did not return in time".to_string())?
-    .map_err(|e| format!("pg_promote failed: {e}"))?;
-    if row.try_get::<_, bool>(0).unwrap_or(false) {
-        tracing::info!("postgres promoted: accepting writes");
-        // The new timeline reaches pg_control only with a checkpoint; pg_rewind on a former
-        // primary reads it from there (writes are accepted meanwhile).
-        if let Err(e) =
-            tokio::time::timeout(PROMOTE_TIMEOUT, conn.batch_execute("CHECKPOINT")).await
-        {
-            tracing::warn!(error = %e, "checkpoint after promotion did not finish in time");
-        }
-        Ok(())
-    } else {
-        Err(format!(
-            "postgres did not finish promoting within {PROMOTE_TIMEOUT:?}"
-        ))
-    }
-}
-
-const PROMOTE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Polls until `postmaster.pid` says ready (or standby) and a real connection succeeds.
-async fn wait_ready(
-    data_dir: PathBuf,
-    socket_dir: PathBuf,
-    port: u16,
-    user: String,
-    done: oneshot::Sender<()>,
-) {
-    let mut interval = tokio::time::interval(Duration::from_millis(50));
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        interval.tick().await;
-        if !matches!(
-            pid_file_status(&data_dir).as_deref(),
-            Some("ready" | "standby")
-        ) {
-            continue;
-        }
-        if crate::postgres::connect::ping(&socket_dir, port, &user)
-            .await
-            .is_ok()
-        {
-            let _ = done.send(());
-            return;
-        }
-    }
-}
-
-/// Whether `global/pg_control` says the cluster was shut down cleanly (as a primary or in
-/// recovery). Anything else, including an unreadable file, means crash recovery may run.
-fn cleanly_shut_down(data_dir: &Path) -> bool {
-    // ControlFileData: system_identifier u64, pg_control_version u32, catalog_version_no u32,
-    // then `state` (DBState) as a 32-bit value in native byte order.
-    const STATE_OFFSET: usize = 16;
-    const DB_SHUTDOWNED: u32 = 1;
-    const DB_SHUTDOWNED_IN_RECOVERY: u32 = 2;
-    let Ok(bytes) = std::fs::read(data_dir.join("global/pg_control")) else {
-        return false;
-    };
-    let Some(raw) = bytes.get(STATE_OFFSET..STATE_OFFSET + 4) else {
-        return false;
-    };
-    let state = u32::from_ne_bytes([raw[0], raw[1], raw[2], raw[3]]);
-    matches!(state, DB_SHUTDOWNED | DB_SHUTDOWNED_IN_RECOVERY)
-}
-
-/// The status word on line 8 of `postmaster.pid` (`starting`, `ready`, `standby`, `stopping`).
-pub fn pid_file_status(data_dir: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
-    text.lines().nth(7).map(|s| s.trim().to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn clean_stop_rules() {
-        let ok = Some(ExitStatus::Exited(0));
-        let clean = |mode, killed, status| {
-            StopOutcome {
-                mode,
-                killed,
-                status,
-            }
-            .clean()
-        };
-        assert!(clean(None, false, None));
-        assert!(clean(Some(StopMode::Smart), false, ok));
-        assert!(clean(Some(StopMode::Fast), false, ok));
-        assert!(!clean(Some(StopMode::Immediate), false, ok));
-        assert!(!clean(Some(StopMode::Fast), true, ok));
-        assert!(!clean(
-            Some(StopMode::Fast),
-            false,
-            Some(ExitStatus::Exited(1))
-        ));
     }
 }
