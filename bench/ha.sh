@@ -6,7 +6,7 @@
 #                                machine, one after the other, then a table of both figures with
 #                                the ratio pgwarden / Patroni
 #
-# Runs the ignored test `ha_figures` in tests/ha_bench.rs (release build): three pgwarden
+# Runs the ignored test `ha_figures` in tests/ha_bench/ (release build): three pgwarden
 # instances with real PostgreSQL 15 against the test Kubernetes API server, all on loopback, at
 # pgwarden's default instance configuration (monitor 2 s, api_timeout 5 s), with the default
 # failover timings (Lease 10 s, renew deadline 6 s, retry period 2 s) and quorum commit with one

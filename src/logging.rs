@@ -2,6 +2,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -10,13 +11,25 @@ pub enum LogFormat {
     Human,
 }
 
+/// Where the log goes: the daemon's is its standard output (the container's log); a command
+/// that prints a result (`backup --json`, `restore`, ...) keeps its standard output for that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogTo {
+    Stdout,
+    Stderr,
+}
+
 /// Installs the global subscriber. `level` is an `EnvFilter` directive such as `info` or
 /// `pgwarden=debug`.
-pub fn init(format: LogFormat, level: &str) {
+pub fn init(format: LogFormat, level: &str, to: LogTo) {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let writer = match to {
+        LogTo::Stdout => BoxMakeWriter::new(std::io::stdout),
+        LogTo::Stderr => BoxMakeWriter::new(std::io::stderr),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stdout);
+        .with_writer(writer);
     let result = match format {
         LogFormat::Json => builder
             .json()

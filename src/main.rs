@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use pgwarden::config::Config;
-use pgwarden::logging::{self, LogFormat};
+use pgwarden::logging::{self, LogFormat, LogTo};
 use pgwarden::{http, k8s, run};
 
 #[derive(Parser)]
@@ -116,7 +116,13 @@ fn main() {
         Cmd::Demo { .. } => LogFormat::Human,
         _ => cli.log_format,
     };
-    logging::init(log_format, &cli.log_level);
+    let log_to = match cli.command {
+        #[cfg(feature = "demo")]
+        Cmd::Demo { .. } => LogTo::Stdout,
+        Cmd::Run { .. } => LogTo::Stdout,
+        _ => LogTo::Stderr,
+    };
+    logging::init(log_format, &cli.log_level, log_to);
     let code = match cli.command {
         Cmd::Crd => {
             print!("{}", k8s::crd::crd_yaml());

@@ -2,12 +2,12 @@
 """The Patroni side of bench/ha.sh --with-patroni: run by bench/peers/patroni.sh, not directly.
 
 Starts etcd and three Patroni members (PostgreSQL 15 on loopback) in the sandbox that
-patroni.sh prepared, runs the scenarios of tests/ha_bench.rs against them with the same timed
+patroni.sh prepared, runs the scenarios of tests/ha_bench/ against them with the same timed
 writer, and prints the same tables and `ha-bench-figure` lines. Settings come from the JSON file
 named by the only argument (written by patroni.sh). Every process it starts gets a pid file in
 <tmp>/pids, so that patroni.sh's cleanup can end it whatever happens here.
 
-The timed writer (as in tests/ha_bench.rs): one session while writes succeed (one INSERT, then
+The timed writer (as in tests/ha_bench/): one session while writes succeed (one INSERT, then
 10 ms); when it fails, every member at once, each on its own session retried every 50 ms, and
 the first that acknowledges a write wins. Connects are bounded by 1 s and every INSERT by 2 s on
 the client side (asynchronous psycopg2 connections polled with select): never a server-side
@@ -776,7 +776,7 @@ def answering_again(port, t0):
 def watch_sync(port):
     """Polls the leader on `port` every 20 ms (for at most a minute) until a standby streams to
     it as a synchronous standby: (when first seen, when the last poll that saw none was sent), as
-    in tests/ha_bench.rs. A write that leader acknowledged before then had no standby to confirm
+    in tests/ha_bench/. A write that leader acknowledged before then had no standby to confirm
     it. At once (None, None) with asynchronous replication."""
     if CFG["mode"] != "quorum":
         return None, None

@@ -15,7 +15,7 @@
 # synchronous mode with one synchronous standby (Patroni 3.0 has no quorum commit), async
 # plain asynchronous replication. Every other setting is Patroni's and Postgres's default.
 #
-# The scenarios, the timed writer and the figures are those of tests/ha_bench.rs (see
+# The scenarios, the timed writer and the figures are those of tests/ha_bench/ (see
 # bench/README.md); the driver is bench/peers/patroni.py:
 #   pod loss         kill -9 of the leader's Patroni and all its Postgres processes
 #   hung primary     SIGSTOP of the leader's Patroni and Postgres

@@ -233,6 +233,25 @@ impl std::fmt::Display for Target {
     }
 }
 
+/// The backups to try, in order: `id` alone when given; for a restore point's name or a
+/// transaction id, which no catalog entry can place in time, every complete backup from the
+/// newest to the oldest (a restore that ends before reaching the target tries the next);
+/// otherwise the newest complete backup that ends before the target.
+pub fn candidates<'a>(
+    entries: &'a [Entry],
+    id: Option<&str>,
+    target: &Target,
+    destination: &str,
+) -> Result<Vec<&'a BackupInfo>, BackupError> {
+    let first = choose(entries, id, target, destination)?;
+    if id.is_some() || !matches!(target, Target::Name(_) | Target::Xid(_)) {
+        return Ok(vec![first]);
+    }
+    let mut complete: Vec<&BackupInfo> = entries.iter().filter_map(Entry::complete).collect();
+    complete.sort_by_key(|i| std::cmp::Reverse(i.end_lsn));
+    Ok(complete)
+}
+
 /// The backup to start from: `id` when given (it must be able to reach the target), else
 /// the newest complete backup that ends before the target.
 pub fn choose<'a>(
@@ -421,6 +440,32 @@ pub(crate) mod tests {
         ));
         assert!(matches!(
             choose(&[], None, &Target::Latest, "u"),
+            Err(BackupError::NoBackups(_))
+        ));
+    }
+
+    #[test]
+    fn names_and_transactions_try_every_backup_newest_first() {
+        let entries = vec![
+            backup("a", 100, 2),
+            backup("c", 300, 9),
+            backup("b", 200, 5),
+        ];
+        let ids = |id: Option<&str>, t: &Target| {
+            candidates(&entries, id, t, "u")
+                .unwrap()
+                .iter()
+                .map(|i| i.id.as_str())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(None, &Target::Name("before-b".into())), ["c", "b", "a"]);
+        assert_eq!(ids(None, &Target::Xid(42)), ["c", "b", "a"]);
+        // Targets the catalog can place, and a chosen backup, give one candidate.
+        assert_eq!(ids(None, &Target::Time(at(250))), ["b"]);
+        assert_eq!(ids(None, &Target::Latest), ["c"]);
+        assert_eq!(ids(Some("b"), &Target::Name("x".into())), ["b"]);
+        assert!(matches!(
+            candidates(&[], None, &Target::Name("x".into()), "u"),
             Err(BackupError::NoBackups(_))
         ));
     }

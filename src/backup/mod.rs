@@ -18,7 +18,8 @@
 //! | [`restore`] | a backup into an empty data directory, checked by `pg_verifybackup` |
 //! | [`recovery`] | archive recovery to the target with a prefetching restore command |
 //! | [`bootstrap`] | `spec.bootstrap.recovery`: a new cluster's first instance restored instead of initdb |
-//! | [`schedule`] | scheduled backups in `pgwarden run`: `[backup]`, a streaming standby or the primary, one per slot |
+//! | [`config`] | `[backup]` in the configuration file, checked at load |
+//! | [`schedule`] | scheduled backups in `pgwarden run`: a streaming standby or the primary, one per slot |
 //! | [`standby`] | `target: prefer-standby`: who claims first, and the primary switching WAL for a standby's backup |
 //! | [`spec`] | `spec.backup` over `[backup]`, and the `pgwarden.dev/backup` annotation |
 //! | [`request`] | `pgwarden backup --cluster NAME`: the annotation, and waiting for the outcome |
@@ -28,6 +29,7 @@
 pub mod bootstrap;
 pub mod catalog;
 pub mod cli;
+pub mod config;
 pub mod info;
 pub mod metrics;
 pub mod prune;

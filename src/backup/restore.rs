@@ -133,21 +133,61 @@ pub async fn restore_with(o: &RestoreOptions, reaper: &Reaper) -> Result<Restore
         .map_err(BackupError::io(format!("{}", o.data_dir.display())))?;
     refuse_non_empty(&data_dir)?;
     let entries = catalog::list(&store).await?;
-    let info = catalog::choose(&entries, o.backup.as_deref(), &o.target, &o.destination)?.clone();
-    let wal = WalIndex::load(&store, info.wal_segment_size).await?;
-    catalog::check_wal(&info, &wal, &o.target)?;
+    let candidates = catalog::candidates(&entries, o.backup.as_deref(), &o.target, &o.destination)?;
+    let existed = data_dir.exists();
+    let mut tried = Vec::new();
+    for (n, info) in candidates.iter().enumerate() {
+        let more = n + 1 < candidates.len();
+        match restore_one(o, &store, reaper, info, &data_dir, existed).await {
+            Ok(timeline) => {
+                return Ok(Restored {
+                    backup: info.id.clone(),
+                    target: o.target.to_string(),
+                    data_dir,
+                    timeline,
+                })
+            }
+            // A restore point or transaction that came before this backup: an older one may
+            // reach it.
+            Err(BackupError::Target(message)) if more => {
+                tracing::warn!(backup = info.id, target = %o.target, %message, "the target was not reached from this backup; trying an older one");
+                tried.push(info.id.clone());
+            }
+            Err(e) if tried.is_empty() => return Err(e),
+            Err(e) => {
+                return Err(BackupError::Target(format!(
+                    "{e} (backups tried before, newest first: {})",
+                    tried.join(", ")
+                )))
+            }
+        }
+    }
+    Err(BackupError::NoBackups(o.destination.clone()))
+}
+
+/// One attempt: the WAL checked, the data directory filled from `info` and recovered; on
+/// failure emptied again (it was empty or absent before).
+async fn restore_one(
+    o: &RestoreOptions,
+    store: &Store,
+    reaper: &Reaper,
+    info: &BackupInfo,
+    data_dir: &Path,
+    existed: bool,
+) -> Result<Option<u32>, BackupError> {
+    let wal = WalIndex::load(store, info.wal_segment_size).await?;
+    catalog::check_wal(info, &wal, &o.target)?;
 
     let bin = Binaries::locate(reaper, o.bin_dir.as_deref(), major(&info.server_version))
         .await
         .map_err(|e| BackupError::Postgres(e.to_string()))?;
-    let existed = data_dir.exists();
-    prepare_data_dir(&data_dir)?;
-    let restored = fill(o, &store, reaper, &bin, &info, &data_dir).await;
+    prepare_data_dir(data_dir)?;
+    let restored = fill(o, store, reaper, &bin, info, data_dir).await;
     if restored.is_err() {
         // It was empty or absent: what is in it now is this restore's, and unusable. Its
         // contents go (the directory itself stays, and through a symbolic link what it points
         // to is emptied, not the link alone), off the runtime's thread.
-        let dir = data_dir.clone();
+        let dir = data_dir.to_path_buf();
         let cleared = tokio::task::spawn_blocking(move || {
             let result = clear_dir(&dir);
             if !existed {
@@ -160,13 +200,7 @@ pub async fn restore_with(o: &RestoreOptions, reaper: &Reaper) -> Result<Restore
             tracing::error!(dir = %data_dir.display(), error = %e, "cannot clear the failed restore's files");
         }
     }
-    let timeline = restored?;
-    Ok(Restored {
-        backup: info.id,
-        target: o.target.to_string(),
-        data_dir,
-        timeline,
-    })
+    restored
 }
 
 /// Everything after the checks: download, verify, recover. The promoted timeline.

@@ -9,14 +9,13 @@
 //! no instance is primary is skipped, not made up later. With `target: prefer-standby` a
 //! streaming standby claims first and the primary only after [`standby::GRACE`].
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde::Deserialize;
 use tokio::sync::watch;
 
+use super::config::{parse_schedule, BackupConfig};
 use super::metrics::BackupMetrics;
 use super::spec::BackupOutcome;
 use super::standby::{self, BackupTarget};
@@ -30,60 +29,6 @@ use crate::supervisor::reaper::Reaper;
 use crate::wal::format::{self, Compression};
 use crate::wal::store::{Put, Store};
 use crate::wal::{self, Settings};
-
-/// `[backup]`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct BackupConfig {
-    /// Cron schedule in UTC: five fields, or six with seconds first; unset: no scheduled
-    /// backups. Needs WAL archiving (the backups go to its destination).
-    pub schedule: Option<String>,
-    /// Recovery window kept after each scheduled backup (e.g. "7d"); unset: nothing is deleted.
-    #[serde(with = "humantime_serde")]
-    pub retention: Option<Duration>,
-    /// Bound for pg_basebackup.
-    #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
-    /// Bound for the backup's WAL to reach the archive.
-    #[serde(with = "humantime_serde")]
-    pub wal_timeout: Duration,
-    /// Where scheduled and requested backups are taken: `prefer-standby` or `primary`.
-    pub target: BackupTarget,
-}
-
-impl Default for BackupConfig {
-    fn default() -> Self {
-        BackupConfig {
-            schedule: None,
-            retention: None,
-            timeout: Duration::from_secs(6 * 3600),
-            wal_timeout: Duration::from_secs(300),
-            target: BackupTarget::PreferStandby,
-        }
-    }
-}
-
-impl BackupConfig {
-    /// Checks `[backup]`; errors name the key below `backup.`.
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        if let Some(s) = &self.schedule {
-            parse_schedule(s).map_err(|e| ("schedule".to_string(), e))?;
-        }
-        if self.retention.is_some_and(|r| r.is_zero()) {
-            return Err(("retention".into(), "must be greater than zero".into()));
-        }
-        for (k, d) in [("timeout", self.timeout), ("wal_timeout", self.wal_timeout)] {
-            if d.is_zero() {
-                return Err((k.into(), "must be greater than zero".into()));
-            }
-        }
-        Ok(())
-    }
-}
-
-pub fn parse_schedule(s: &str) -> Result<croner::Cron, String> {
-    croner::Cron::from_str(s).map_err(|e| format!("{s:?} is not a cron schedule: {e}"))
-}
 
 /// The next slot after `after`, and the time to the one after it (the period).
 fn next_slot(

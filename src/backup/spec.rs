@@ -4,7 +4,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::schedule::BackupConfig;
+use super::config::BackupConfig;
 
 /// Any new value asks the primary for a backup now; the value is echoed in the `Backup`
 /// condition of the instance that takes it, and in its Events.

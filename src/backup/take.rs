@@ -96,6 +96,10 @@ pub async fn take(o: &TakeOptions, reaper: &Reaper) -> Result<BackupInfo, Backup
     let store =
         Store::open(&o.destination, &wal.s3, wal.io_timeout).map_err(BackupError::Refused)?;
     let src = source(&o.config).await?;
+    // Nor into another database's: the destination belongs to the system that claimed it.
+    crate::wal::identity::claim_for(&store, src.system_identifier.clone())
+        .await
+        .map_err(|e| BackupError::Refused(e.to_string()))?;
     let bin = Binaries::locate(
         reaper,
         o.config.postgres.bin_dir.as_deref(),

@@ -103,52 +103,5 @@ pub struct Start<'a> {
 
 /// Starts the elector; the returned sender asks it to hand over on shutdown.
 pub fn start(s: Start<'_>) -> tokio::sync::mpsc::Sender<elector::Command> {
-    let k = &s.config.kubernetes;
-    let id = &s.shared.identity;
-    let client = s.shared.client.clone();
-    let timings = decide::Timings::default();
-    // reqwest is built without a bundled TLS provider: the plain client's builder still
-    // wants one installed (the HTTPS client brings its own, see peers::PeerClient).
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let http = peers::PeerClient::new(
-        reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_millis(500))
-            .build()
-            .unwrap_or_default(),
-        s.shared.tls.subscribe(),
-    );
-    let fence = fence::FenceTimer::spawn(s.postmaster.clone());
-    elector::Elector {
-        me: id.pod.clone(),
-        lease: lease::LeaseClient::new(
-            kube::Api::namespaced(client.clone(), &id.namespace),
-            &id.cluster,
-            &id.pod,
-            timings,
-            k.api_timeout,
-        )
-        .with_fence(fence.clone()),
-        fence,
-        postmaster: s.postmaster,
-        status: s.status,
-        observation: s.observation,
-        assessor: s.assessor,
-        events: crate::k8s::events::Events::new(client.clone(), id, k.api_timeout),
-        clusters: crate::k8s::clusters(&client, &id.namespace),
-        leases: kube::Api::namespaced(client.clone(), &id.namespace),
-        pods: kube::Api::namespaced(client, &id.namespace),
-        shared: s.shared.clone(),
-        pg: s.pg,
-        wal: s.config.wal.clone(),
-        binaries: s.binaries,
-        reaper: s.reaper,
-        http,
-        max_crashes: s.config.supervision.max_crashes,
-        api_timeout: k.api_timeout,
-        failsafe_at: None,
-        api_down: false,
-        silence: peers::Silence::default(),
-        server_log: s.server_log,
-    }
-    .spawn()
+    elector::Elector::new(s).spawn()
 }

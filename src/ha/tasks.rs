@@ -51,6 +51,12 @@ impl From<String> for TaskError {
     }
 }
 
+impl From<crate::supervisor::postmaster::PostmasterError> for TaskError {
+    fn from(e: crate::supervisor::postmaster::PostmasterError) -> Self {
+        TaskError::Failed(e.to_string())
+    }
+}
+
 impl From<PrepareError> for TaskError {
     fn from(e: PrepareError) -> Self {
         match e {

@@ -22,7 +22,7 @@ use super::events::Events;
 use super::Shared;
 use crate::config::PostgresConfig;
 use crate::postgres::connect::{connect_timeout, Target};
-use crate::supervisor::postmaster;
+use crate::supervisor::postmaster::{self, PostmasterError};
 
 pub struct Reconciler {
     pub api: Api<DynamicObject>,
@@ -202,22 +202,30 @@ impl Reconciler {
     }
 
     async fn apply(&mut self, generation: i64, desired: PostgresConfig, strategy: UpdateStrategy) {
-        if let Err(message) = self.postmaster.reload(Some(desired.clone())).await {
-            tracing::error!(generation, %message, "Postgres rejected the configuration; keeping the running one");
-            self.shared.set_condition(
-                "ConfigApplied",
-                false,
-                "ConfigRejected",
-                &message,
-                Some(generation),
-            );
+        if let Err(e) = self.postmaster.reload(Some(desired.clone())).await {
+            let message = e.to_string();
+            // Postgres refusing a value is the spec's fault; trouble writing or signalling is
+            // not, and says so.
+            let reason = match e {
+                PostmasterError::Rejected(_) => {
+                    tracing::error!(generation, %message, "Postgres rejected the configuration; keeping the running one");
+                    // Not asked again for this generation (every status update would).
+                    self.invalid_generation = Some(generation);
+                    "ConfigRejected"
+                }
+                PostmasterError::ShuttingDown => return,
+                _ => {
+                    tracing::error!(generation, %message, "cannot apply the configuration; keeping the running one");
+                    "ApplyFailed"
+                }
+            };
+            self.shared
+                .set_condition("ConfigApplied", false, reason, &message, Some(generation));
             self.events
-                .warning(
-                    "ConfigRejected",
-                    format!("generation {generation}: {message}"),
-                )
+                .warning(reason, format!("generation {generation}: {message}"))
                 .await;
-            // Not recorded as applied: a later generation that fixes it is tried again.
+            // Not recorded as applied: a later generation that fixes it is tried again, and
+            // after a failure to apply, the next event of the PostgresCluster too.
             return;
         }
         self.applied = Some((generation, desired));
@@ -261,7 +269,7 @@ impl Reconciler {
                             "PendingRestart",
                             true,
                             "RestartFailed",
-                            &e,
+                            &e.to_string(),
                             Some(generation),
                         );
                         self.events

@@ -359,6 +359,17 @@ impl Rendered {
     }
 }
 
+/// Why a candidate configuration was not taken: Postgres refused it, or it could not be asked.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CheckError {
+    /// Postgres's own messages about the values it refuses.
+    #[error("{0}")]
+    Rejected(String),
+    /// The candidate could not be written, or Postgres could not be run or asked.
+    #[error("{0}")]
+    Unchecked(String),
+}
+
 /// Asks Postgres itself whether it accepts a candidate postgresql.conf (`postgres -C`, which
 /// parses and validates every value without touching the running server). Returns Postgres's
 /// own messages when it does not.
@@ -367,10 +378,10 @@ pub async fn check(
     postgres: &Path,
     pg: &PostgresConfig,
     candidate: &Rendered,
-) -> Result<(), String> {
+) -> Result<(), CheckError> {
     let path = pg.run_dir.join("postgresql.conf.candidate");
     write_atomic(&path, &candidate.postgresql_conf)
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        .map_err(|e| CheckError::Unchecked(format!("cannot write {}: {e}", path.display())))?;
     let mut cmd = crate::postgres::command(postgres);
     cmd.arg("-D")
         .arg(&pg.data_dir)
@@ -380,7 +391,7 @@ pub async fn check(
     let out = reaper
         .output(&mut cmd)
         .await
-        .map_err(|e| format!("cannot run {}: {e}", postgres.display()));
+        .map_err(|e| CheckError::Unchecked(format!("cannot run {}: {e}", postgres.display())));
     let _ = std::fs::remove_file(&path);
     let out = out?;
     if out.status.success() {
@@ -396,11 +407,11 @@ pub async fn check(
                 .find_map(|tag| l.find(tag).map(|at| l[at + tag.len()..].trim()))
         })
         .collect();
-    Err(if messages.is_empty() {
+    Err(CheckError::Rejected(if messages.is_empty() {
         format!("postgres rejected the configuration: {}", out.stderr.trim())
     } else {
         messages.join("; ")
-    })
+    }))
 }
 
 fn write_atomic(path: &Path, content: &str) -> std::io::Result<()> {

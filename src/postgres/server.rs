@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use super::conf::CheckError;
 use super::connect::{connect_timeout, ping, Target};
 
 /// `pg_promote`, bounded: the server ends recovery and accepts writes before it returns.
@@ -112,10 +113,11 @@ pub fn pid_file_status(data_dir: &Path) -> Option<String> {
 
 /// Asks a running server whether it accepts the pg_hba.conf on disk (`pg_hba_file_rules`
 /// parses the file anew): the errors, one per line, joined.
-pub async fn hba_errors(target: &Target<'_>) -> Result<(), String> {
+pub async fn hba_errors(target: &Target<'_>) -> Result<(), CheckError> {
+    let unchecked = |e: String| CheckError::Unchecked(format!("cannot check pg_hba.conf: {e}"));
     let conn = connect_timeout(target)
         .await
-        .map_err(|e| format!("cannot check pg_hba.conf: {e}"))?;
+        .map_err(|e| unchecked(e.to_string()))?;
     let rows = tokio::time::timeout(
         Duration::from_secs(5),
         conn.query(
@@ -124,8 +126,8 @@ pub async fn hba_errors(target: &Target<'_>) -> Result<(), String> {
         ),
     )
     .await
-    .map_err(|_| "checking pg_hba.conf timed out".to_string())?
-    .map_err(|e| format!("cannot check pg_hba.conf: {e}"))?;
+    .map_err(|_| unchecked("timed out".into()))?
+    .map_err(|e| unchecked(e.to_string()))?;
     if rows.is_empty() {
         return Ok(());
     }
@@ -137,5 +139,5 @@ pub async fn hba_errors(target: &Target<'_>) -> Result<(), String> {
             format!("pg_hba.conf line {}: {error}", line.unwrap_or(0))
         })
         .collect();
-    Err(problems.join("; "))
+    Err(CheckError::Rejected(problems.join("; ")))
 }

@@ -38,15 +38,24 @@ pub enum IdentityError {
 
 /// Claims `store` for the database in `data_dir`, or confirms an earlier claim.
 pub async fn claim(store: &Store, data_dir: &Path) -> Result<(), IdentityError> {
+    let mine = control::read_async(data_dir)
+        .await
+        .map_err(|e| IdentityError::Unknown {
+            url: store.url.clone(),
+            reason: e.to_string(),
+        })?
+        .system_identifier
+        .to_string();
+    claim_for(store, mine).await
+}
+
+/// Claims `store` for the database system `mine` (its identifier as Postgres prints it), or
+/// confirms an earlier claim.
+pub async fn claim_for(store: &Store, mine: String) -> Result<(), IdentityError> {
     let unknown = |reason: String| IdentityError::Unknown {
         url: store.url.clone(),
         reason,
     };
-    let mine = control::read_async(data_dir)
-        .await
-        .map_err(|e| unknown(e.to_string()))?
-        .system_identifier
-        .to_string();
     let object =
         format::encode(mine.as_bytes(), Compression::None).map_err(|e| unknown(e.to_string()))?;
     match store.put_object(KEY, Bytes::from(object)).await {

@@ -25,7 +25,7 @@ use super::peers::{self, Member};
 use super::quorum::{self, Step};
 use super::replica::{self, Address};
 use super::tasks::{Task, TaskError, Work};
-use super::{HaStatus, FENCED_ANNOTATION, SWITCHOVER_ANNOTATION};
+use super::{FENCED_ANNOTATION, SWITCHOVER_ANNOTATION};
 use crate::config::PostgresConfig;
 use crate::health::{Assessor, Health};
 use crate::k8s::crd::{self, PostgresClusterSpec};
@@ -45,6 +45,7 @@ mod handover;
 mod lead;
 mod observe;
 mod promote;
+mod report;
 
 use lead::starting_sync;
 
@@ -79,34 +80,34 @@ const REWIND_ATTEMPTS: u32 = 3;
 const STREAM_REWINDS: u32 = 2;
 
 pub struct Elector {
-    pub me: String,
-    pub lease: LeaseClient,
-    pub postmaster: Handle,
-    pub status: watch::Receiver<Status>,
-    pub observation: watch::Receiver<Observation>,
-    pub assessor: Assessor,
-    pub shared: Arc<Shared>,
-    pub events: Events,
-    pub clusters: Api<DynamicObject>,
-    pub leases: Api<K8sLease>,
-    pub pods: Api<k8s_openapi::api::core::v1::Pod>,
-    pub pg: PostgresConfig,
+    me: String,
+    lease: LeaseClient,
+    postmaster: Handle,
+    status: watch::Receiver<Status>,
+    observation: watch::Receiver<Observation>,
+    assessor: Assessor,
+    shared: Arc<Shared>,
+    events: Events,
+    clusters: Api<DynamicObject>,
+    leases: Api<K8sLease>,
+    pods: Api<k8s_openapi::api::core::v1::Pod>,
+    pg: PostgresConfig,
     /// pgwarden's `[wal]`: the settings a restore from `spec.bootstrap.recovery` starts from.
-    pub wal: crate::config::WalConfig,
-    pub binaries: Binaries,
-    pub reaper: Reaper,
-    pub http: super::peers::PeerClient,
-    pub max_crashes: u32,
-    pub api_timeout: Duration,
+    wal: crate::config::WalConfig,
+    binaries: Binaries,
+    reaper: Reaper,
+    http: super::peers::PeerClient,
+    max_crashes: u32,
+    api_timeout: Duration,
     /// When the last failsafe round that confirmed this primary was sent.
-    pub failsafe_at: Option<Instant>,
+    failsafe_at: Option<Instant>,
     /// Stops writes at the renew deadline, whatever this loop is waiting for.
-    pub fence: super::fence::FenceTimer,
+    fence: super::fence::FenceTimer,
     /// The last Lease read got no answer.
-    pub api_down: bool,
-    pub server_log: crate::postgres::log::ServerLog,
+    api_down: bool,
+    server_log: crate::postgres::log::ServerLog,
     /// Which members did not answer the last peer rounds.
-    pub silence: peers::Silence,
+    silence: peers::Silence,
 }
 
 /// What the elector remembers between ticks.
@@ -198,6 +199,57 @@ impl Tick {
 }
 
 impl Elector {
+    /// The elector of this instance, with its Lease client, fence timer and peer client.
+    pub fn new(s: super::Start<'_>) -> Elector {
+        let k = &s.config.kubernetes;
+        let id = &s.shared.identity;
+        let client = s.shared.client.clone();
+        let timings = Timings::default();
+        // reqwest is built without a bundled TLS provider: the plain client's builder still
+        // wants one installed (the HTTPS client brings its own, see peers::PeerClient).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = peers::PeerClient::new(
+            reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_millis(500))
+                .build()
+                .unwrap_or_default(),
+            s.shared.tls.subscribe(),
+        );
+        let fence = super::fence::FenceTimer::spawn(s.postmaster.clone());
+        Elector {
+            me: id.pod.clone(),
+            lease: LeaseClient::new(
+                kube::Api::namespaced(client.clone(), &id.namespace),
+                &id.cluster,
+                &id.pod,
+                timings,
+                k.api_timeout,
+            )
+            .with_fence(fence.clone()),
+            fence,
+            postmaster: s.postmaster,
+            status: s.status,
+            observation: s.observation,
+            assessor: s.assessor,
+            events: crate::k8s::events::Events::new(client.clone(), id, k.api_timeout),
+            clusters: crate::k8s::clusters(&client, &id.namespace),
+            leases: kube::Api::namespaced(client.clone(), &id.namespace),
+            pods: kube::Api::namespaced(client, &id.namespace),
+            shared: s.shared.clone(),
+            pg: s.pg,
+            wal: s.config.wal.clone(),
+            binaries: s.binaries,
+            reaper: s.reaper,
+            http,
+            max_crashes: s.config.supervision.max_crashes,
+            api_timeout: k.api_timeout,
+            failsafe_at: None,
+            api_down: false,
+            silence: peers::Silence::default(),
+            server_log: s.server_log,
+        }
+    }
+
     pub fn spawn(self) -> mpsc::Sender<Command> {
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(self.run(rx));
@@ -344,59 +396,6 @@ impl Elector {
             .map_or_else(Timings::default, |(_, s)| timings(&s))
     }
 
-    fn report(&self, tick: &Tick, action: &Action, memory: &mut Memory) {
-        let leader = match &tick.observed.lease {
-            decide::Lease::Held { holder, .. } if !holder.is_empty() => Some(holder.clone()),
-            _ => None,
-        };
-        let local = self.local(&self.status.borrow(), &self.observation.borrow());
-        let promoting = memory
-            .task
-            .as_ref()
-            .is_some_and(|t| matches!(t.work(), Work::Promote { .. }));
-        let role = match (tick.observed.fenced, local) {
-            (true, _) => "fenced",
-            // Until the promotion's checkpoint is done pg_rewind against it would read the old
-            // timeline from its control file: a former primary waits for "primary".
-            _ if promoting => "promoting",
-            (_, Local::Primary) if leader.as_deref() == Some(self.me.as_str()) => "primary",
-            (_, Local::Primary) => "unknown",
-            (_, Local::Replica) => "replica",
-            (_, Local::Stopped) if self.status.borrow().fenced => "fenced",
-            _ => "stopped",
-        };
-        let doc = HaStatus {
-            role: role.into(),
-            leader,
-            fenced: tick.observed.fenced,
-            following: memory.following.clone(),
-            action: describe(action),
-            synchronous_standby_names: quorum::standby_names(memory.applied.bound()),
-            degraded: memory.degraded,
-            has_data: tick
-                .observed
-                .data_unusable
-                .is_none()
-                .then_some(tick.observed.has_data),
-            standing_down: tick.observed.standing_down,
-        };
-        let changed = self.shared.ha.send_if_modified(|cur| {
-            let changed = cur.as_ref() != Some(&doc);
-            *cur = Some(doc.clone());
-            changed
-        });
-        if changed {
-            self.shared.report_now.notify_one();
-        }
-        if memory.last_action.as_ref() != Some(action) {
-            match action {
-                Action::Wait(reason) => tracing::info!(%reason, "HA: waiting"),
-                other => tracing::info!(action = %describe(other), "HA: acting"),
-            }
-            memory.last_action = Some(action.clone());
-        }
-    }
-
     async fn act(&mut self, action: Action, tick: &Tick, memory: &mut Memory) {
         let heavy = matches!(
             action,
@@ -518,25 +517,6 @@ fn switchover_request(annotations: Option<&Annotations>) -> Option<String> {
         .get(SWITCHOVER_ANNOTATION)
         .filter(|s| !s.is_empty())
         .cloned()
-}
-
-fn describe(action: &Action) -> String {
-    match action {
-        Action::Wait(reason) => format!("wait: {reason}"),
-        Action::Renew => "lead".into(),
-        Action::Hold(what) => format!("keep the Lease while {what}"),
-        Action::Fence(reason) => format!("fence: {reason}"),
-        Action::FenceAndRelease => "fenced".into(),
-        Action::Acquire => "take the expired Lease".into(),
-        Action::Promote => "promote".into(),
-        Action::Demote { primary } => format!("demote and follow {primary}"),
-        Action::Follow { primary } => format!("follow {primary}"),
-        Action::RestartLocally => "restart Postgres locally".into(),
-        Action::Release => "give the Lease up".into(),
-        Action::StartPrimary => "start as primary".into(),
-        Action::Bootstrap => "initialise the cluster".into(),
-        Action::StartStandby => "start as a standby to compete".into(),
-    }
 }
 
 /// Wakes the elector whenever the Lease changes hands (a handover must be noticed at once,

@@ -66,7 +66,7 @@ struct Actor {
     phase: Phase,
     child: Option<ChildProc>,
     crash_times: VecDeque<Instant>,
-    start_waiters: Vec<Reply<Result<(), String>>>,
+    start_waiters: Vec<Reply<Result<(), PostmasterError>>>,
     stop_waiters: Vec<Reply<StopOutcome>>,
     /// Set by the first Stop: from then on nothing starts Postgres again (a restart that
     /// overlaps a shutdown must not resurrect it).
@@ -141,7 +141,7 @@ impl Actor {
         if self.shutting_down {
             match cmd {
                 Command::Start(reply) | Command::Restart(reply) => {
-                    let _ = reply.send(Err("pgwarden is shutting down".into()));
+                    let _ = reply.send(Err(PostmasterError::ShuttingDown));
                     return;
                 }
                 _ => {}
@@ -235,14 +235,14 @@ impl Actor {
     /// is gone already); the caller renders the primary's settings afterwards. The
     /// synchronous standbys are set and reloaded first, so that no commit of the new primary
     /// is acknowledged before a standby has it (quorum mode).
-    fn promote(&mut self, names: Option<String>, reply: Reply<Result<(), String>>) {
+    fn promote(&mut self, names: Option<String>, reply: Reply<Result<(), PostmasterError>>) {
         let Some(pid) = self
             .child
             .as_ref()
             .map(|c| c.pid)
             .filter(|_| matches!(self.phase, Phase::Running))
         else {
-            let _ = reply.send(Err("postgres is not running".into()));
+            let _ = reply.send(Err(PostmasterError::NotRunning));
             return;
         };
         // A standby's files usually hold the set already (see the elector): then nothing
@@ -256,7 +256,9 @@ impl Actor {
         }
         if reload {
             if let Err(e) = kill(pid, Signal::SIGHUP) {
-                let _ = reply.send(Err(format!("cannot signal the postmaster: {e}")));
+                let _ = reply.send(Err(PostmasterError::Io(format!(
+                    "cannot signal the postmaster: {e}"
+                ))));
                 return;
             }
         }
@@ -269,14 +271,21 @@ impl Actor {
                 // are possible.
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            let _ = reply.send(server::promote(&run_dir, port, &user).await);
+            let _ = reply.send(
+                server::promote(&run_dir, port, &user)
+                    .await
+                    .map_err(PostmasterError::Promote),
+            );
         });
     }
 
     /// Applies new settings only when Postgres accepts them: the candidate postgresql.conf is
     /// checked by `postgres -C` first, so a rejected value is reported with Postgres's own
     /// message and the running configuration stays as it was.
-    async fn reload(&mut self, settings: Option<Box<PostgresConfig>>) -> Result<(), String> {
+    async fn reload(
+        &mut self,
+        settings: Option<Box<PostgresConfig>>,
+    ) -> Result<(), PostmasterError> {
         if let Some(settings) = settings {
             let mut settings = settings;
             // The HA elector owns replication; a reload of the user's settings keeps it.
@@ -312,7 +321,7 @@ impl Actor {
         self.render()?;
         match (&self.child, &self.phase) {
             (Some(c), Phase::Running) => kill(c.pid, Signal::SIGHUP)
-                .map_err(|e| format!("cannot signal the postmaster: {e}")),
+                .map_err(|e| PostmasterError::Io(format!("cannot signal the postmaster: {e}"))),
             // A postmaster that has not installed its handlers yet dies of SIGHUP; it reads
             // the files rendered now, and gets a SIGHUP once ready in case it read them early.
             (Some(_), Phase::Starting { .. }) => {
@@ -326,18 +335,18 @@ impl Actor {
     /// Writes the candidate files and asks the running server whether it accepts the new
     /// pg_hba.conf (`pg_hba_file_rules` parses the file on disk); `postgres -C` does not read
     /// it. Without a running server there is nobody to ask: the next start reports an error.
-    async fn check_hba(&self) -> Result<(), String> {
+    async fn check_hba(&self) -> Result<(), PostmasterError> {
         if !matches!(self.phase, Phase::Running) {
             return Ok(());
         }
         self.render()?;
-        server::hba_errors(&crate::postgres::connect::Target::admin(
+        Ok(server::hba_errors(&crate::postgres::connect::Target::admin(
             &self.spec.settings,
         ))
-        .await
+        .await?)
     }
 
-    fn render(&self) -> Result<(), String> {
+    fn render(&self) -> Result<(), PostmasterError> {
         let s = &self.spec.settings;
         // Not a cluster yet (the elector is about to initdb or clone into it): nothing to
         // render into; every start renders first anyway.
@@ -347,10 +356,10 @@ impl Actor {
         conf::render(s, &self.spec.os_user)
             .write(&s.data_dir)
             .map_err(|e| {
-                format!(
+                PostmasterError::Io(format!(
                     "cannot write configuration into {}: {e}",
                     s.data_dir.display()
-                )
+                ))
             })
     }
 
@@ -359,9 +368,13 @@ impl Actor {
         // may run.
         let crash_recovery = !crate::postgres::control::read(&self.spec.settings.data_dir)
             .is_ok_and(|c| c.state.clean());
-        if let Err(message) = self.render().and_then(|()| self.spawn_postgres()) {
-            tracing::error!(error = %message, "cannot start postgres");
-            self.on_crash(message);
+        if let Err(e) = self
+            .render()
+            .map_err(|e| e.to_string())
+            .and_then(|()| self.spawn_postgres())
+        {
+            tracing::error!(error = %e, "cannot start postgres");
+            self.on_crash(e);
             return;
         }
         let pid = self.pid();
@@ -601,7 +614,7 @@ impl Actor {
 
     fn fail_start_waiters(&mut self, reason: &str) {
         for w in self.start_waiters.drain(..) {
-            let _ = w.send(Err(reason.to_string()));
+            let _ = w.send(Err(PostmasterError::Start(reason.to_string())));
         }
     }
 }

@@ -108,15 +108,53 @@ pub struct Status {
 
 type Reply<T> = oneshot::Sender<T>;
 
+/// Why a command to the postmaster actor failed. Callers decide on the kind: a configuration
+/// Postgres refuses is reported and not retried until it changes; trouble writing the files or
+/// signalling is retried; a shutdown ends the caller's work.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PostmasterError {
+    /// Postgres refuses the settings (`postgres -C`, `pg_hba_file_rules`): the running ones
+    /// stay in force.
+    #[error("{0}")]
+    Rejected(String),
+    /// The configuration files could not be written or checked, or the postmaster signalled.
+    #[error("{0}")]
+    Io(String),
+    /// The command needs a running Postgres (a promotion).
+    #[error("postgres is not running")]
+    NotRunning,
+    /// Postgres did not start, or stopped while starting (its own messages included).
+    #[error("{0}")]
+    Start(String),
+    /// `pg_promote` failed or timed out.
+    #[error("{0}")]
+    Promote(String),
+    /// pgwarden is shutting down (or the actor is gone).
+    #[error("pgwarden is shutting down")]
+    ShuttingDown,
+}
+
+impl From<crate::postgres::conf::CheckError> for PostmasterError {
+    fn from(e: crate::postgres::conf::CheckError) -> Self {
+        match e {
+            crate::postgres::conf::CheckError::Rejected(m) => PostmasterError::Rejected(m),
+            crate::postgres::conf::CheckError::Unchecked(m) => PostmasterError::Io(m),
+        }
+    }
+}
+
 pub enum Command {
     /// Start if not running; replies once ready or when the start failed.
-    Start(Reply<Result<(), String>>),
+    Start(Reply<Result<(), PostmasterError>>),
     /// Stop, escalating smart -> fast -> immediate -> SIGKILL on the configured timeouts.
     Stop(StopMode, Reply<StopOutcome>),
     /// Fast stop, then start; replies once ready again.
-    Restart(Reply<Result<(), String>>),
+    Restart(Reply<Result<(), PostmasterError>>),
     /// Re-render the configuration files (with new settings when given) and signal a reload.
-    Reload(Option<Box<PostgresConfig>>, Reply<Result<(), String>>),
+    Reload(
+        Option<Box<PostgresConfig>>,
+        Reply<Result<(), PostmasterError>>,
+    ),
     /// Stop and stay stopped until the next Start (HA: fencing, demotion, rewind, clone);
     /// unlike Stop, pgwarden is not shutting down. `fenced` is reported in the status.
     Halt {
@@ -125,13 +163,13 @@ pub enum Command {
         reply: Reply<StopOutcome>,
     },
     /// Replace the replication settings (standby upstream, synchronous standbys) and reload.
-    SetReplication(conf::Replication, Reply<Result<(), String>>),
+    SetReplication(conf::Replication, Reply<Result<(), PostmasterError>>),
     /// Replace the TLS certificate files (none: TLS off) and reload: Postgres re-reads them on
     /// SIGHUP, so a renewed certificate needs no restart.
-    SetSsl(Option<conf::SslFiles>, Reply<Result<(), String>>),
+    SetSsl(Option<conf::SslFiles>, Reply<Result<(), PostmasterError>>),
     /// Promote the running standby, with these `synchronous_standby_names` in force from its
     /// first write; replies once it accepts writes.
-    Promote(Option<String>, Reply<Result<(), String>>),
+    Promote(Option<String>, Reply<Result<(), PostmasterError>>),
 }
 
 /// Handle used to talk to the actor.
@@ -146,10 +184,10 @@ impl Handle {
         self.tx.send(make(tx)).await.ok()?;
         rx.await.ok()
     }
-    pub async fn start(&self) -> Result<(), String> {
+    pub async fn start(&self) -> Result<(), PostmasterError> {
         self.call(Command::Start)
             .await
-            .unwrap_or_else(|| Err("postmaster actor is gone".into()))
+            .unwrap_or(Err(PostmasterError::ShuttingDown))
     }
     /// Sends a stop and returns the receiver of its outcome without waiting for it.
     pub async fn begin_stop(&self, mode: StopMode) -> Option<oneshot::Receiver<StopOutcome>> {
@@ -157,15 +195,15 @@ impl Handle {
         self.tx.send(Command::Stop(mode, tx)).await.ok()?;
         Some(rx)
     }
-    pub async fn restart(&self) -> Result<(), String> {
+    pub async fn restart(&self) -> Result<(), PostmasterError> {
         self.call(Command::Restart)
             .await
-            .unwrap_or_else(|| Err("postmaster actor is gone".into()))
+            .unwrap_or(Err(PostmasterError::ShuttingDown))
     }
-    pub async fn reload(&self, settings: Option<PostgresConfig>) -> Result<(), String> {
+    pub async fn reload(&self, settings: Option<PostgresConfig>) -> Result<(), PostmasterError> {
         self.call(|r| Command::Reload(settings.map(Box::new), r))
             .await
-            .unwrap_or_else(|| Err("postmaster actor is gone".into()))
+            .unwrap_or(Err(PostmasterError::ShuttingDown))
     }
     /// Stops Postgres and keeps it stopped until the next start.
     pub async fn halt(&self, mode: StopMode, fenced: bool) -> Option<StopOutcome> {
@@ -176,20 +214,23 @@ impl Handle {
         })
         .await
     }
-    pub async fn set_replication(&self, r: conf::Replication) -> Result<(), String> {
+    pub async fn set_replication(&self, r: conf::Replication) -> Result<(), PostmasterError> {
         self.call(|reply| Command::SetReplication(r, reply))
             .await
-            .unwrap_or_else(|| Err("postmaster actor is gone".into()))
+            .unwrap_or(Err(PostmasterError::ShuttingDown))
     }
-    pub async fn set_ssl(&self, files: Option<conf::SslFiles>) -> Result<(), String> {
+    pub async fn set_ssl(&self, files: Option<conf::SslFiles>) -> Result<(), PostmasterError> {
         self.call(|reply| Command::SetSsl(files, reply))
             .await
-            .unwrap_or_else(|| Err("postmaster actor is gone".into()))
+            .unwrap_or(Err(PostmasterError::ShuttingDown))
     }
-    pub async fn promote(&self, synchronous_standby_names: Option<String>) -> Result<(), String> {
+    pub async fn promote(
+        &self,
+        synchronous_standby_names: Option<String>,
+    ) -> Result<(), PostmasterError> {
         self.call(|r| Command::Promote(synchronous_standby_names, r))
             .await
-            .unwrap_or_else(|| Err("postmaster actor is gone".into()))
+            .unwrap_or(Err(PostmasterError::ShuttingDown))
     }
 }
 

@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod env;
+use env::apply_env;
+
 /// Environment variables with this prefix override keys of the configuration file.
 /// Nested keys are separated by a double underscore: `PGWARDEN_POSTGRES__PORT=5433`.
 pub const ENV_PREFIX: &str = "PGWARDEN_";
@@ -56,7 +59,7 @@ pub struct Config {
     pub kubernetes: KubernetesConfig,
     pub wal: WalConfig,
     /// Scheduled base backups (`crate::backup::schedule`).
-    pub backup: crate::backup::schedule::BackupConfig,
+    pub backup: crate::backup::config::BackupConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -521,189 +524,5 @@ impl Config {
     }
 }
 
-/// Overlays `PGWARDEN_A__B=value` onto `a.b`. A value is read as a TOML value when it
-/// parses as one (numbers, booleans, arrays), otherwise as a plain string.
-fn apply_env(
-    table: &mut toml::Table,
-    env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
-    let mut vars: Vec<(String, String)> = env
-        .into_iter()
-        .filter(|(k, _)| {
-            k.starts_with(ENV_PREFIX) && !RESERVED_ENV.contains(&k.as_str()) && !is_service_link(k)
-        })
-        .collect();
-    vars.sort();
-    for (var, raw) in vars {
-        let path: Vec<String> = var[ENV_PREFIX.len()..]
-            .split("__")
-            .map(|s| s.to_ascii_lowercase())
-            .collect();
-        if path.iter().any(|p| p.is_empty()) {
-            return Err(ConfigError::key(var, "malformed variable name"));
-        }
-        let value = parse_env_value(&raw);
-        let Some((last, parents)) = path.split_last() else {
-            return Err(ConfigError::key(var, "malformed variable name"));
-        };
-        let mut node = &mut *table;
-        for (depth, part) in parents.iter().enumerate() {
-            let entry = node
-                .entry(part.clone())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            node = match entry {
-                toml::Value::Table(t) => t,
-                _ => {
-                    return Err(ConfigError::key(
-                        path[..=depth].join("."),
-                        format!("{var} treats it as a section, but it is a value"),
-                    ))
-                }
-            };
-        }
-        node.insert(last.clone(), value);
-    }
-    Ok(())
-}
-
-/// Variables Kubernetes injects for a Service whose name starts with `pgwarden`
-/// (`PGWARDEN_SERVICE_HOST`, `PGWARDEN_PORT_8000_TCP_ADDR`, ...). Configuration keys never look
-/// like these: nested keys use a double underscore, and no key is named `service_*` or `port_*`.
-fn is_service_link(var: &str) -> bool {
-    if var.contains("__") {
-        return false;
-    }
-    let rest = &var[ENV_PREFIX.len()..];
-    let parts: Vec<&str> = rest.split('_').collect();
-    parts
-        .windows(2)
-        .any(|w| w[0] == "SERVICE" && (w[1] == "HOST" || w[1] == "PORT"))
-        || parts.last() == Some(&"PORT")
-        || parts.iter().position(|p| *p == "PORT").is_some_and(|i| {
-            parts
-                .get(i + 1)
-                .is_some_and(|n| n.chars().all(|c| c.is_ascii_digit()))
-        })
-}
-
-fn parse_env_value(raw: &str) -> toml::Value {
-    format!("v = {raw}")
-        .parse::<toml::Table>()
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn load(toml_text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("pgwarden.toml");
-        std::fs::write(&path, toml_text).unwrap();
-        Config::load(
-            Some(&path),
-            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
-        )
-    }
-
-    #[test]
-    fn defaults_serve() {
-        let c = load("instance_name = \"pg-0\"", &[]).unwrap();
-        assert_eq!(c.postgres.port, 5432);
-        assert_eq!(c.shutdown.smart_timeout, Duration::from_secs(10));
-    }
-
-    #[test]
-    fn environment_overrides_file_including_nested_maps() {
-        let c = load(
-            "instance_name = \"pg-0\"\n[postgres]\nport = 5000\n",
-            &[
-                ("PGWARDEN_POSTGRES__PORT", "5433"),
-                ("PGWARDEN_POSTGRES__PARAMETERS__WORK_MEM", "64MB"),
-                ("PGWARDEN_SHUTDOWN__SMART_TIMEOUT", "2s"),
-                ("PGWARDEN_CONFIG", "/ignored"),
-                ("OTHER", "x"),
-            ],
-        )
-        .unwrap();
-        assert_eq!(c.postgres.port, 5433);
-        assert_eq!(
-            c.postgres.parameters.get("work_mem"),
-            Some(&ParamValue::Str("64MB".into()))
-        );
-        assert_eq!(c.shutdown.smart_timeout, Duration::from_secs(2));
-    }
-
-    #[test]
-    fn kubernetes_service_links_are_not_configuration() {
-        let c = load(
-            "instance_name = \"pg-0\"",
-            &[
-                ("PGWARDEN_SERVICE_HOST", "10.0.0.1"),
-                ("PGWARDEN_SERVICE_PORT", "8000"),
-                ("PGWARDEN_PORT", "tcp://10.0.0.1:8000"),
-                ("PGWARDEN_PORT_8000_TCP_ADDR", "10.0.0.1"),
-                ("PGWARDEN_RW_SERVICE_HOST", "10.0.0.2"),
-            ],
-        );
-        assert!(c.is_ok(), "{c:?}");
-        assert!(load(
-            "instance_name = \"pg-0\"",
-            &[("PGWARDEN_POSTGRES__PORT", "x")]
-        )
-        .is_err());
-    }
-
-    #[test]
-    fn unknown_keys_are_named() {
-        let err = load("instance_name = \"pg-0\"\n[postgres]\nprot = 1\n", &[]).unwrap_err();
-        let msg = err.to_string();
-        assert!(msg.contains("prot"), "{msg}");
-        let err = load("instance_name = \"pg-0\"", &[("PGWARDEN_HTTP__NOPE", "1")]).unwrap_err();
-        assert!(err.to_string().contains("nope"), "{err}");
-    }
-
-    #[test]
-    fn invalid_values_are_named() {
-        let err = load(
-            "instance_name = \"pg-0\"\n[postgres]\nport = \"abc\"\n",
-            &[],
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("postgres.port"), "{err}");
-        let err = load(
-            "instance_name = \"pg-0\"\n[shutdown]\nsmart_timeout = \"soon\"\n",
-            &[],
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("shutdown.smart_timeout"), "{err}");
-        let err = load("instance_name = \"Bad Name\"", &[]).unwrap_err();
-        assert!(err.to_string().contains("instance_name"), "{err}");
-    }
-
-    #[test]
-    fn forbidden_parameters_are_refused_with_the_reason() {
-        let err = load(
-            "instance_name = \"pg-0\"\n[postgres.parameters]\narchive_command = \"cp %p /x\"\n",
-            &[],
-        )
-        .unwrap_err();
-        let msg = err.to_string();
-        assert!(msg.contains("postgres.parameters.archive_command"), "{msg}");
-        assert!(msg.contains("pgwarden"), "{msg}");
-    }
-}
-
-#[cfg(test)]
-mod example {
-    /// The example shipped in `config/` must load and must show the defaults.
-    #[test]
-    fn example_file_is_valid_and_matches_the_defaults() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pgwarden.toml");
-        let mut c = super::Config::load(Some(&path), std::iter::empty()).unwrap();
-        c.instance_name = super::Config::default().instance_name;
-        assert_eq!(c, super::Config::default());
-    }
-}
+mod tests;

@@ -4,7 +4,11 @@
 //! object and a missing WAL segment stop a restore naming them; an interrupted backup is not
 //! listed as complete; retention deletes exactly what the window allows.
 
+#[path = "../support/mod.rs"]
 mod support;
+
+mod kubernetes;
+mod s3;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -83,6 +87,16 @@ async fn restored(
     args: &[&str],
     extra: &str,
 ) -> (Sandbox, Warden, tokio_postgres::Client) {
+    let (sb, warden, c, _) = restored_from(archive_args, args, extra).await;
+    (sb, warden, c)
+}
+
+/// [`restored`], and the id of the backup the restore started from.
+async fn restored_from(
+    archive_args: &[&str],
+    args: &[&str],
+    extra: &str,
+) -> (Sandbox, Warden, tokio_postgres::Client, String) {
     let mut sb = Sandbox::new();
     sb.extra = extra.to_string();
     let data = sb.data_dir().display().to_string();
@@ -104,7 +118,8 @@ async fn restored(
     let warden = sb.start();
     let c = sb.wait_client(LONG).await;
     assert_eq!(text(&c, "SELECT pg_is_in_recovery()::text").await, "false");
-    (sb, warden, c)
+    let backup = r["backup"].as_str().unwrap_or_default().to_string();
+    (sb, warden, c, backup)
 }
 
 fn stop(mut warden: Warden) {
@@ -163,16 +178,25 @@ async fn backup_to_a_directory_and_restore_to_each_kind_of_target() {
     )
     .await;
     archive_all(&c).await;
+    // A second backup, after every target below but the latest: the restore point and the
+    // transaction, which no catalog entry places in time, are reached from the first.
+    let newest = pgwarden_json(&a, &["backup", "--json", "--config", &config]);
+    let newest = newest["id"].as_str().unwrap().to_string();
 
     // The catalog is the destination.
     let list = pgwarden_json(
         &a,
         &["backup", "list", "--json", "--destination", &destination],
     );
-    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
-    assert_eq!(list[0]["id"], id.as_str());
-    assert_eq!(list[0]["status"], "complete");
-    assert_eq!(list[0]["info"]["start_lsn"], b["start_lsn"]);
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    let first = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == id.as_str())
+        .unwrap_or_else(|| panic!("{id} in {list}"));
+    assert_eq!(first["status"], "complete");
+    assert_eq!(first["info"]["start_lsn"], b["start_lsn"]);
     let v = pgwarden_json(
         &a,
         &[
@@ -192,15 +216,25 @@ async fn backup_to_a_directory_and_restore_to_each_kind_of_target() {
     assert!(v["wal_segments"].as_u64().unwrap() >= 1);
 
     let from = ["--destination", destination.as_str()];
-    for (args, expected) in [
-        (vec!["--target-time", t.as_str()], Some((200, 200))),
-        (vec!["--target-name", "three-hundred"], Some((300, 300))),
-        (vec!["--target-xid", xid.as_str()], Some((300, 300))),
-        (vec!["--target-lsn", lsn.as_str()], Some((400, 400))),
-        (vec!["--target", "immediate"], Some((100, 100))),
+    for (args, expected, from_backup) in [
+        (vec!["--target-time", t.as_str()], Some((200, 200)), &id),
+        (
+            vec!["--target-name", "three-hundred"],
+            Some((300, 300)),
+            &id,
+        ),
+        (vec!["--target-xid", xid.as_str()], Some((300, 300)), &id),
+        (vec!["--target-lsn", lsn.as_str()], Some((400, 400)), &id),
+        (vec!["--target", "immediate"], None, &newest),
+        (
+            vec!["--backup", id.as_str(), "--target", "immediate"],
+            Some((100, 100)),
+            &id,
+        ),
     ] {
-        let (_sb, w, rc) = restored(&from, &args, "").await;
+        let (_sb, w, rc, used) = restored_from(&from, &args, "").await;
         assert_eq!(table_t(&rc).await, expected, "restore {args:?}");
+        assert_eq!(&used, from_backup, "restore {args:?}");
         drop(rc);
         stop(w);
     }
@@ -282,7 +316,7 @@ async fn backup_to_a_directory_and_restore_to_each_kind_of_target() {
         pgwarden::wal::names::next_segment(b["last_wal"].as_str().unwrap(), 16 << 20).unwrap();
     let moved = archive_dir.path().join("moved");
     std::fs::rename(wal_dir.join(&after_backup), &moved).unwrap();
-    let err = restore(&[]);
+    let err = restore(&["--backup", &id]);
     assert!(
         err.contains(&format!("wal/{after_backup} is missing from the archive")),
         "{err}"
@@ -299,7 +333,7 @@ async fn backup_to_a_directory_and_restore_to_each_kind_of_target() {
     );
     assert_eq!(code, 1);
     assert!(err.contains(&format!("{part} is corrupt")), "{err}");
-    let err = restore(&[]);
+    let err = restore(&["--backup", &id]);
     assert!(err.contains(&format!("{part} is corrupt")), "{err}");
     assert!(!data.exists(), "a failed restore leaves nothing behind");
     std::fs::write(archive_dir.path().join(&part), original).unwrap();
@@ -310,180 +344,6 @@ async fn backup_to_a_directory_and_restore_to_each_kind_of_target() {
     assert!(err.contains("is not empty"), "{err}");
     assert_eq!(std::fs::read_dir(&data).unwrap().count(), 1);
 
-    drop(c);
-    stop(warden);
-}
-
-#[tokio::test]
-async fn s3_backups_an_interrupted_one_retention_and_a_point_in_time_restore() {
-    let Some(bin) = support::wal::s3s_fs() else {
-        eprintln!("skipped: s3s-fs not found (.ci/run installs it)");
-        return;
-    };
-    let probe = Sandbox::new();
-    let s3 = S3Server::start(&bin, &probe.dir.path().join("s3"), BUCKET);
-    let credentials = support::wal::credentials_dir(&probe);
-    let s3_settings = format!(
-        "[wal.s3]\nendpoint = \"{}\"\nallow_http = true\ncredentials_dir = \"{}\"\n",
-        s3.endpoint(),
-        credentials.display()
-    );
-    let a = source(&format!("s3://{BUCKET}/cluster-a"), &s3_settings);
-    let warden = a.start();
-    let c = a.wait_client(LONG).await;
-    let config = a.config().display().to_string();
-    let with_config = ["--config", config.as_str()];
-    exec(&c, "CREATE TABLE t (i int)").await;
-    rows(&c, 1, 10).await;
-    let backup = || pgwarden_json(&a, &["backup", "--json", "--config", &config]);
-    let first = backup();
-    let first_id = first["id"].as_str().unwrap().to_string();
-
-    // Interrupted mid-way (kill -9), slowed down so that it is: never listed as complete.
-    support::wal::pgbench(a.port, &["-i", "-q", "-s", "2"]);
-    let mut cmd = std::process::Command::new(support::binary());
-    cmd.args([
-        "backup",
-        "--config",
-        &config,
-        "--part-mib",
-        "1",
-        "--max-rate",
-        "4M",
-    ]);
-    let mut killed = a.spawn(cmd);
-    let objects = s3.root.join(BUCKET).join("cluster-a/base");
-    let deadline = Instant::now() + LONG;
-    let interrupted = loop {
-        let part = std::fs::read_dir(&objects).ok().and_then(|d| {
-            d.filter_map(Result::ok)
-                .map(|e| e.path())
-                .find(|p| p.join("base.tar.00000").is_file() && !p.ends_with(&first_id))
-        });
-        if let Some(p) = part {
-            break p.file_name().unwrap().to_string_lossy().into_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no part uploaded: {}",
-            killed.output()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    killed.signal(Signal::SIGKILL);
-    killed.wait_exit(LONG);
-    let list = pgwarden_json(&a, &["backup", "list", "--json", "--config", &config]);
-    let status = |list: &Value, id: &str| {
-        list.as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["id"] == id)
-            .map(|e| e["status"].as_str().unwrap().to_string())
-    };
-    assert_eq!(
-        status(&list, &interrupted).as_deref(),
-        Some("incomplete"),
-        "{list}"
-    );
-    assert_eq!(
-        status(&list, first["id"].as_str().unwrap()).as_deref(),
-        Some("complete")
-    );
-
-    // The next ones work; a time between two of them for the restore.
-    let second = backup();
-    rows(&c, 11, 20).await;
-    let t = now(&c).await;
-    rows(&c, 21, 30).await;
-    archive_all(&c).await;
-    // Room between the two backups' ends for the retention window to start in.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let third = backup();
-
-    // Retention: a window that starts between the second's end and the third's: the second
-    // stays (it is where the window's first moments are recovered from), the first and the
-    // interrupted one go, and the WAL before the second's start.
-    let end =
-        |b: &Value| pgwarden::backup::info::parse_time(b["end_time"].as_str().unwrap()).unwrap();
-    // The window starts just after the second's end now, and a little later at each command.
-    let start = end(&second) + Duration::from_millis(50);
-    assert!(end(&third) > start + Duration::from_secs(1));
-    let window = std::time::SystemTime::now().duration_since(start).unwrap();
-    let retention = format!("{}ms", window.as_millis());
-    let mut wal_before: Vec<String> = std::fs::read_dir(s3.root.join(BUCKET).join("cluster-a/wal"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.len() == 24 && n.as_str() < second["first_wal"].as_str().unwrap())
-        .map(|n| format!("wal/{n}"))
-        .collect();
-    wal_before.sort();
-    assert!(!wal_before.is_empty());
-    let mut prune = vec!["backup", "prune", "--json", "--retention", &retention];
-    prune.extend_from_slice(&with_config);
-    let dry = pgwarden_json(&a, &[prune.clone(), vec!["--dry-run"]].concat());
-    let ids = |v: &Value| -> Vec<String> {
-        let mut ids: Vec<String> = v
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i.as_str().unwrap().to_string())
-            .collect();
-        ids.sort();
-        ids
-    };
-    let mut gone = vec![
-        first["id"].as_str().unwrap().to_string(),
-        interrupted.clone(),
-    ];
-    gone.sort();
-    assert_eq!(ids(&dry["delete_backups"]), gone, "{dry}");
-    assert_eq!(
-        ids(&dry["keep"]),
-        [
-            second["id"].as_str().unwrap(),
-            third["id"].as_str().unwrap()
-        ],
-        "{dry}"
-    );
-    let mut planned = ids(&dry["delete_wal"]);
-    planned.retain(|k| k.len() == "wal/".len() + 24);
-    assert_eq!(planned, wal_before, "{dry}");
-    // The dry run deleted nothing; the real one deletes exactly that.
-    assert_eq!(
-        pgwarden_json(&a, &["backup", "list", "--json", "--config", &config])
-            .as_array()
-            .unwrap()
-            .len(),
-        4
-    );
-    let done = pgwarden_json(&a, &prune);
-    assert_eq!(done, dry);
-    let list = pgwarden_json(&a, &["backup", "list", "--json", "--config", &config]);
-    let left: Vec<&str> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        left,
-        [
-            second["id"].as_str().unwrap(),
-            third["id"].as_str().unwrap()
-        ]
-    );
-    for key in &wal_before {
-        assert!(
-            !s3.root.join(BUCKET).join("cluster-a").join(key).exists(),
-            "{key} kept"
-        );
-    }
-
-    // A point-in-time restore from S3 after the pruning: exactly the rows before T.
-    let (_sb, w, rc) = restored(&with_config, &["--target-time", &t], "").await;
-    assert_eq!(table_t(&rc).await, Some((20, 20)));
-    drop(rc);
-    stop(w);
     drop(c);
     stop(warden);
 }
@@ -630,152 +490,4 @@ async fn a_backup_taken_from_a_standby_restores() {
     stop(w);
     stop(standby);
     stop(primary);
-}
-
-const NS: &str = "default";
-const CLUSTER: &str = "pg";
-
-/// The condition `type_` of instance `pod` in the PostgresCluster's status.
-fn condition(server: &support::apiserver::ApiServer, pod: &str, type_: &str) -> Option<Value> {
-    let c = server.get("pgwarden.dev/v1", "postgresclusters", NS, CLUSTER)?;
-    c["status"]["instances"][pod]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-        .cloned()
-}
-
-#[tokio::test]
-async fn kubernetes_backups_on_request_and_on_the_spec_schedule() {
-    let archive_dir = tempfile::tempdir().unwrap();
-    support::chown(archive_dir.path());
-    let destination = format!("file://{}", archive_dir.path().display());
-    let server = support::apiserver::ApiServer::start();
-    server.seed_single(NS, CLUSTER, "pg-0");
-    let a = source(
-        &destination,
-        &format!(
-            "[kubernetes]\ncluster = \"{CLUSTER}\"\nnamespace = \"{NS}\"\npod_name = \"pg-0\"\n\
-             status_interval = \"1s\"\napi_timeout = \"2s\"\n"
-        ),
-    );
-    let mut cmd = std::process::Command::new(support::binary());
-    cmd.arg("run")
-        .arg("--config")
-        .arg(a.config())
-        .env("KUBECONFIG", server.kubeconfig(a.dir.path(), "pg-0"));
-    let warden = a.spawn(cmd);
-    let c = a.wait_client(LONG).await;
-    exec(&c, "CREATE TABLE t (i int)").await;
-    let complete = || {
-        let v = pgwarden_json(
-            &a,
-            &["backup", "list", "--json", "--destination", &destination],
-        );
-        v.as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["status"] == "complete")
-            .count()
-    };
-
-    // On request: the annotation's value comes back in the condition.
-    server.update_with("pgwarden.dev/v1", "postgresclusters", NS, CLUSTER, |c| {
-        c["metadata"]["annotations"] = serde_json::json!({"pgwarden.dev/backup": "before-upgrade"});
-    });
-    let done = eventually("the requested backup", LONG, async || {
-        condition(&server, "pg-0", "Backup").filter(|c| c["reason"] == "BackupCompleted")
-    })
-    .await;
-    let message = done["message"].as_str().unwrap();
-    assert!(
-        message.starts_with("pgwarden.dev/backup=before-upgrade: backup "),
-        "{done}"
-    );
-    assert_eq!(complete(), 1);
-    let reasons: Vec<String> = server
-        .list("events.k8s.io/v1", "events", NS)
-        .iter()
-        .map(|e| e["reason"].as_str().unwrap_or_default().to_string())
-        .collect();
-    for r in ["BackupStarted", "BackupCompleted"] {
-        assert!(reasons.iter().any(|x| x == r), "no {r} Event: {reasons:?}");
-    }
-
-    // The same through the command line, which waits for the outcome.
-    let out = std::process::Command::new(support::binary())
-        .args([
-            "backup",
-            "--cluster",
-            CLUSTER,
-            "--namespace",
-            NS,
-            "--timeout",
-            "60s",
-        ])
-        .env("KUBECONFIG", server.kubeconfig(a.dir.path(), "cli"))
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        said.contains("pgwarden.dev/backup=cli-") && said.contains(" complete"),
-        "{said}"
-    );
-    assert_eq!(complete(), 2);
-
-    // A schedule that does not parse is refused with the field named; a valid one runs.
-    server.update_with("pgwarden.dev/v1", "postgresclusters", NS, CLUSTER, |c| {
-        c["spec"]["backup"] = serde_json::json!({"schedule": "nightly"});
-    });
-    let refused = eventually("the bad schedule refused", LONG, async || {
-        condition(&server, "pg-0", "SpecValid").filter(|c| c["status"] == "False")
-    })
-    .await;
-    assert!(
-        refused["message"]
-            .as_str()
-            .unwrap()
-            .contains("spec.backup.schedule"),
-        "{refused}"
-    );
-    server.update_with("pgwarden.dev/v1", "postgresclusters", NS, CLUSTER, |c| {
-        c["spec"]["backup"] = serde_json::json!({"schedule": "*/2 * * * * *", "retention": "1h"});
-    });
-    eventually("two scheduled backups", LONG, async || {
-        (complete() >= 3).then_some(())
-    })
-    .await;
-    assert_eq!(
-        condition(&server, "pg-0", "SpecValid").unwrap()["status"],
-        "True"
-    );
-    // The primary's status.backups: what the catalog holds and how the last backup went.
-    let status = eventually("status.backups", LONG, async || {
-        let c = server.get("pgwarden.dev/v1", "postgresclusters", NS, CLUSTER)?;
-        let b = c["status"]["backups"].clone();
-        (b["complete"].as_u64()? >= 4).then_some(b)
-    })
-    .await;
-    let last = &status["lastSuccessful"];
-    assert!(
-        last["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("scheduled slot "),
-        "{status}"
-    );
-    assert!(
-        last["id"].is_string() && status.get("lastFailed").is_none(),
-        "{status}"
-    );
-    let first = status["firstRecoverablePoint"].as_str().unwrap();
-    let latest = status["lastRecoverablePoint"].as_str().unwrap();
-    assert!(first < latest, "{status}");
-    drop(c);
-    stop(warden);
 }
