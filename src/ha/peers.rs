@@ -229,17 +229,32 @@ impl PeerClient {
     }
 }
 
+/// What a peer round asks of the members besides their status.
+#[derive(Debug, Clone, Copy)]
+pub enum Ask<'a> {
+    /// Their status as they last observed it.
+    Status,
+    /// The failsafe promise to `primary`, with its token (see `elector` and `failsafe`).
+    Failsafe { primary: &'a str, token: &'a str },
+    /// Their status from a new observation (a switchover waiting for its target's WAL).
+    Fresh,
+}
+
 /// Fetches every member's `/pg/status` at once; members that do not answer in their timeout
-/// are left out (a candidate decides from those it heard). `failsafe` names the primary
-/// asking for the failsafe promise and carries its token (see `elector` and `failsafe`).
+/// are left out (a candidate decides from those it heard).
 pub async fn fetch(
     http: &PeerClient,
     members: &[Member],
     timeout: impl Fn(&str) -> Duration,
-    failsafe: Option<(&str, &str)>,
+    ask: Ask<'_>,
 ) -> BTreeMap<String, Value> {
-    let query = failsafe.map_or_else(String::new, |(p, _)| format!("?failsafe={p}"));
-    let token = failsafe.map(|(_, t)| t.to_string());
+    let (query, token) = match ask {
+        Ask::Status => (String::new(), None),
+        Ask::Failsafe { primary, token } => {
+            (format!("?failsafe={primary}"), Some(token.to_string()))
+        }
+        Ask::Fresh => ("?fresh=1".to_string(), None),
+    };
     let (scheme, http) = http.current();
     let http = &http;
     let calls = members.iter().filter_map(|m| {
@@ -509,7 +524,7 @@ mod tests {
         // The plain client's builder wants a provider installed (see ha::start).
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client = PeerClient::new(reqwest::Client::new(), current);
-        let heard = fetch(&client, &members, |_| Duration::from_secs(5), None).await;
+        let heard = fetch(&client, &members, |_| Duration::from_secs(5), Ask::Status).await;
         assert_eq!(heard.keys().collect::<Vec<_>>(), ["pg-1"], "{heard:?}");
         assert_eq!(heard["pg-1"]["name"], "peer");
     }

@@ -1,7 +1,7 @@
 //! `/pg/status`: one JSON document describing the instance, with a versioned schema
 //! (`docs/status.schema.json`, printed by `pgwarden status-schema`).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -77,7 +77,13 @@ pub struct MonitorDoc {
 #[derive(Debug, serde::Deserialize)]
 pub struct Query {
     failsafe: Option<String>,
+    /// `fresh=1`: answer from a new observation (waited for up to [`FRESH_WAIT`]), not from the
+    /// last one: a switchover's old primary asks its target what WAL it has received.
+    fresh: Option<u8>,
 }
+
+/// How long `?fresh=1` waits for the new observation before answering with what there is.
+pub const FRESH_WAIT: Duration = Duration::from_millis(300);
 
 /// Whether a control request proves it comes from a member of the cluster: a client
 /// certificate from the cluster CA, or the failsafe token (an HMAC keyed with the replication
@@ -166,6 +172,9 @@ pub async fn handler(
                 Some((primary.clone(), Instant::now()));
             promised = Some(primary);
         }
+    }
+    if q.fresh == Some(1) {
+        shared.monitor.refresh(FRESH_WAIT).await;
     }
     let view = shared.view();
     let (name, pid) = match &view.status.state {

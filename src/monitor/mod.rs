@@ -56,8 +56,17 @@ pub struct Collected {
 pub struct MonitorHandle {
     pub observation: watch::Receiver<Observation>,
     collected: Arc<Mutex<Collected>>,
-    requests: mpsc::Sender<oneshot::Sender<()>>,
+    requests: mpsc::Sender<Request>,
     ttl: Duration,
+}
+
+/// What the monitoring task is asked between its intervals; answered when done.
+enum Request {
+    /// The metric queries, when their TTL has passed.
+    Collect(oneshot::Sender<()>),
+    /// A new observation now (a switchover's old primary asks the target for the WAL it has
+    /// received).
+    Refresh(oneshot::Sender<()>),
 }
 
 impl MonitorHandle {
@@ -73,11 +82,21 @@ impl MonitorHandle {
         if stale {
             let (tx, rx) = oneshot::channel();
             // A full queue means a refresh is already requested.
-            if self.requests.try_send(tx).is_ok() && empty {
+            if self.requests.try_send(Request::Collect(tx)).is_ok() && empty {
                 let _ = tokio::time::timeout(wait, rx).await;
             }
         }
         self.lock().samples.clone()
+    }
+
+    /// Asks for a new observation and waits for it up to `wait` (a full queue: requests are
+    /// pending already, and this one waits for nothing). One task refreshes, one query round
+    /// at a time, so asking often costs no more than the monitor's own pace.
+    pub async fn refresh(&self, wait: Duration) {
+        let (tx, rx) = oneshot::channel();
+        if self.requests.try_send(Request::Refresh(tx)).is_ok() {
+            let _ = tokio::time::timeout(wait, rx).await;
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Collected> {
@@ -148,7 +167,7 @@ struct Monitor {
 }
 
 impl Monitor {
-    async fn run(mut self, mut requests: mpsc::Receiver<oneshot::Sender<()>>) {
+    async fn run(mut self, mut requests: mpsc::Receiver<Request>) {
         let mut tick = tokio::time::interval(self.cfg.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut postmaster = self.postmaster.clone();
@@ -157,10 +176,16 @@ impl Monitor {
                 _ = tick.tick() => self.refresh().await,
                 // React at once when Postgres becomes ready or goes away.
                 Ok(()) = postmaster.changed() => self.refresh().await,
-                Some(reply) = requests.recv() => {
-                    self.collect_if_stale().await;
-                    let _ = reply.send(());
-                }
+                Some(request) = requests.recv() => match request {
+                    Request::Collect(reply) => {
+                        self.collect_if_stale().await;
+                        let _ = reply.send(());
+                    }
+                    Request::Refresh(reply) => {
+                        self.refresh().await;
+                        let _ = reply.send(());
+                    }
+                },
             }
         }
     }

@@ -370,6 +370,13 @@ async fn a_reused_timeline_is_rejoined_by_a_new_copy() {
         .await
         .unwrap();
     let a_timeline = c.status(a).await["postgres"]["timeline"].as_u64();
+    // b learns of a's timeline from the Lease, which a publishes with its first renewal after
+    // the promotion: a dies once it has (the case where it never did is the same to b as a
+    // first failover).
+    eventually("a's timeline in the Lease", LONG, async || {
+        (c.lease_timeline() == a_timeline).then_some(())
+    })
+    .await;
     c.kill9(a);
     c.cont_node(b).await;
     assert_eq!(c.wait_new_primary(a, LONG).await, b);

@@ -129,7 +129,9 @@ impl Elector {
                     Err(e) => tracing::warn!(error = %e, "switchover: cannot renew the Lease"),
                 }
             }
-            let docs = peers::fetch(&self.http, &member, |_| PEER_TIMEOUT, None).await;
+            // From a new observation: the target's status is otherwise up to a monitor
+            // interval old, and the writes wait for this.
+            let docs = peers::fetch(&self.http, &member, |_| PEER_TIMEOUT, peers::Ask::Fresh).await;
             let received = docs.get(target).and_then(|d| {
                 let p = peers::from_status(target, d);
                 p.lsn

@@ -82,7 +82,14 @@ impl Elector {
         };
         let ((lease, result), docs) = tokio::join!(
             self.lease.observe_within(read_within),
-            peers::fetch(&self.http, &members, timeout, failsafe),
+            peers::fetch(
+                &self.http,
+                &members,
+                timeout,
+                failsafe.map_or(peers::Ask::Status, |(primary, token)| {
+                    peers::Ask::Failsafe { primary, token }
+                }),
+            ),
         );
         self.silence.heard(&members, &docs);
         if let Err(e) = &result {

@@ -62,10 +62,21 @@ impl Elector {
         memory.prepared = None;
         let postmaster = self.postmaster.clone();
         let names = quorum::standby_names(&sync);
+        let pg = self.pg.clone();
+        let standbys: Vec<String> = tick.members.iter().map(|m| m.name.clone()).collect();
         memory.task = Some(Task::spawn(
             Work::Promote { sync, why },
             memory.wake.clone(),
-            async move { postmaster.promote(names).await },
+            async move {
+                postmaster.promote(names).await?;
+                // The standbys' slots at once: a standby's walreceiver is refused until its
+                // slot exists, and with quorum commit the first commit waits for one; the
+                // leader's routine would create them only at its first tick.
+                if let Err(e) = replica::sync_slots(&pg, &standbys).await {
+                    tracing::warn!(error = %e, "cannot create the standbys' replication slots yet");
+                }
+                Ok::<(), crate::supervisor::postmaster::PostmasterError>(())
+            },
         ));
     }
 

@@ -56,6 +56,17 @@ impl Cluster {
             .map(str::to_string)
     }
 
+    /// The timeline the Lease's holder published with its last renewal.
+    pub fn lease_timeline(&self) -> Option<u64> {
+        let lease = self
+            .server
+            .get("coordination.k8s.io/v1", "leases", NS, LEASE)?;
+        lease["metadata"]["annotations"][pgwarden::ha::lease::TIMELINE]
+            .as_str()?
+            .parse()
+            .ok()
+    }
+
     /// `status.currentPrimary` of the PostgresCluster.
     pub fn current_primary(&self) -> Option<String> {
         self.cluster()["status"]["currentPrimary"]
