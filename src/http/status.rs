@@ -79,7 +79,7 @@ pub struct Query {
     failsafe: Option<String>,
     /// `fresh=1`: answer from a new observation (waited for up to [`FRESH_WAIT`]), not from the
     /// last one: a switchover's old primary asks its target what WAL it has received.
-    fresh: Option<u8>,
+    fresh: Option<String>,
 }
 
 /// How long `?fresh=1` waits for the new observation before answering with what there is.
@@ -173,7 +173,7 @@ pub async fn handler(
             promised = Some(primary);
         }
     }
-    if q.fresh == Some(1) {
+    if q.fresh.as_deref() == Some("1") {
         shared.monitor.refresh(FRESH_WAIT).await;
     }
     let view = shared.view();

@@ -56,18 +56,15 @@ pub struct Collected {
 pub struct MonitorHandle {
     pub observation: watch::Receiver<Observation>,
     collected: Arc<Mutex<Collected>>,
-    requests: mpsc::Sender<Request>,
+    requests: mpsc::Sender<oneshot::Sender<()>>,
+    /// Requests for a new observation now (a switchover's old primary asks its target for the
+    /// WAL it has received); a queue of their own, so that they never crowd out metrics.
+    refreshes: mpsc::Sender<oneshot::Sender<()>>,
     ttl: Duration,
 }
 
-/// What the monitoring task is asked between its intervals; answered when done.
-enum Request {
-    /// The metric queries, when their TTL has passed.
-    Collect(oneshot::Sender<()>),
-    /// A new observation now (a switchover's old primary asks the target for the WAL it has
-    /// received).
-    Refresh(oneshot::Sender<()>),
-}
+/// Requested observations come at most this often: asking faster gets the last one.
+const MIN_REFRESH_GAP: Duration = Duration::from_millis(100);
 
 impl MonitorHandle {
     /// The cached metric samples. When they are older than the TTL a refresh is requested;
@@ -82,7 +79,7 @@ impl MonitorHandle {
         if stale {
             let (tx, rx) = oneshot::channel();
             // A full queue means a refresh is already requested.
-            if self.requests.try_send(Request::Collect(tx)).is_ok() && empty {
+            if self.requests.try_send(tx).is_ok() && empty {
                 let _ = tokio::time::timeout(wait, rx).await;
             }
         }
@@ -90,11 +87,11 @@ impl MonitorHandle {
     }
 
     /// Asks for a new observation and waits for it up to `wait` (a full queue: requests are
-    /// pending already, and this one waits for nothing). One task refreshes, one query round
-    /// at a time, so asking often costs no more than the monitor's own pace.
+    /// pending already, and this one waits for nothing). The monitor takes one at most every
+    /// [`MIN_REFRESH_GAP`], so asking often costs a bounded number of query rounds.
     pub async fn refresh(&self, wait: Duration) {
         let (tx, rx) = oneshot::channel();
-        if self.requests.try_send(Request::Refresh(tx)).is_ok() {
+        if self.refreshes.try_send(tx).is_ok() {
             let _ = tokio::time::timeout(wait, rx).await;
         }
     }
@@ -119,6 +116,7 @@ pub fn spawn(
         pg: None,
     });
     let (req_tx, req_rx) = mpsc::channel(4);
+    let (refresh_tx, refresh_rx) = mpsc::channel(2);
     let collected: Arc<Mutex<Collected>> = Arc::default();
     let mut specs = queries::parse(queries::BUILTIN).unwrap_or_default();
     specs.extend(user_queries);
@@ -137,11 +135,12 @@ pub fn spawn(
         conns: HashMap::new(),
         failing: BTreeMap::new(),
     };
-    tokio::spawn(monitor.run(req_rx));
+    tokio::spawn(monitor.run(req_rx, refresh_rx));
     MonitorHandle {
         observation: obs_rx,
         collected,
         requests: req_tx,
+        refreshes: refresh_tx,
         ttl: config.monitor.metrics_ttl,
     }
 }
@@ -167,7 +166,11 @@ struct Monitor {
 }
 
 impl Monitor {
-    async fn run(mut self, mut requests: mpsc::Receiver<Request>) {
+    async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<oneshot::Sender<()>>,
+        mut refreshes: mpsc::Receiver<oneshot::Sender<()>>,
+    ) {
         let mut tick = tokio::time::interval(self.cfg.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut postmaster = self.postmaster.clone();
@@ -176,16 +179,16 @@ impl Monitor {
                 _ = tick.tick() => self.refresh().await,
                 // React at once when Postgres becomes ready or goes away.
                 Ok(()) = postmaster.changed() => self.refresh().await,
-                Some(request) = requests.recv() => match request {
-                    Request::Collect(reply) => {
-                        self.collect_if_stale().await;
-                        let _ = reply.send(());
-                    }
-                    Request::Refresh(reply) => {
+                Some(reply) = requests.recv() => {
+                    self.collect_if_stale().await;
+                    let _ = reply.send(());
+                }
+                Some(reply) = refreshes.recv() => {
+                    if self.observation.borrow().heartbeat.elapsed() >= MIN_REFRESH_GAP {
                         self.refresh().await;
-                        let _ = reply.send(());
                     }
-                },
+                    let _ = reply.send(());
+                }
             }
         }
     }
